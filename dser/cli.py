@@ -87,5 +87,90 @@ def synth(out, style, utterances, speakers, seed, sample_rate):
     click.echo(f"wrote {manifest}")
 
 
+@main.command()
+@click.option("--stage", type=click.Choice(["1", "2"]), help="1: acted source data, 2: adapt to natural data.")
+@click.option("--config", type=click.Path(path_type=Path), help="Run config YAML (default: the stage's demo config).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--init-from", type=click.Path(path_type=Path), help="Stage 2: the stage-1 run directory.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Exact run directory.")
+@click.option("--resume", type=click.Path(path_type=Path), help="Continue this run from its latest checkpoint.")
+@click.option("--ranks", type=int, help="Processes on this node (default: GPUs, or 1 on CPU).")
+@click.option("--master-port", type=int, help="Rendezvous port (default: a free one).")
+def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_port):
+    """Train a stage through the DeepSpeed launcher (deepspeed dser/train.py …)."""
+    from dser.launch import launch_training
+
+    if not stage and not resume:
+        raise UserError("give --stage 1|2 (or --resume RUN_DIR)")
+    args = []
+    if stage:
+        args += ["--stage", stage]
+    if config:
+        args += ["--config", str(config)]
+    for o in overrides:
+        args += ["--set", o]
+    for flag, value in (("--init-from", init_from), ("--run-dir", run_dir), ("--resume", resume)):
+        if value:
+            args += [flag, str(value)]
+    sys.exit(launch_training(args, ranks=ranks, master_port=master_port))
+
+
+@main.command()
+@click.option("--ranks", default=2, show_default=True, help="CPU ranks (or GPUs) for the DeepSpeed launcher.")
+@click.option("--fresh", is_flag=True, help="Regenerate the demo corpora and shards.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of both demo configs.")
+def demo(ranks, fresh, overrides):
+    """The main job: synthesize + shard the demo corpora, stage 1 (acted) then stage 2 (natural)."""
+    from dser.demo import run_demo
+
+    sys.exit(run_demo(ranks=ranks, fresh=fresh, overrides=list(overrides)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--shards", "shards", multiple=True, required=True, help="Shard group(s) to evaluate (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--workers", default=1, show_default=True)
+def evaluate(run_dir, shards, as_json, workers):
+    """Evaluate a finished run's exported model on shard groups."""
+    import json
+
+    from dser.evaluate import evaluate_run, format_metrics
+
+    try:
+        m = evaluate_run(run_dir, list(shards), num_workers=workers)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from e
+    click.echo(json.dumps(m, indent=2) if as_json else format_metrics(",".join(shards), m))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per file).")
+@click.option("--max-seconds", default=60.0, show_default=True, help="Refuse clips longer than this.")
+def predict(run_dir, files, as_json, max_seconds):
+    """Predict emotions of audio FILES (any format soundfile reads, any sample rate)."""
+    import json
+
+    from dser.predict import PredictError, predict_files
+
+    try:
+        results = predict_files(run_dir, list(files), max_seconds=max_seconds)
+    except PredictError as e:
+        raise UserError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        parts = [r["file"]]
+        if "emotion" in r:
+            parts.append(r["emotion"])
+            parts.append(" ".join(f"{c}={p:.2f}" for c, p in r["probabilities"].items()))
+        if "valence" in r:
+            parts.append(f"V={r['valence']:.2f} A={r['arousal']:.2f} D={r['dominance']:.2f}")
+        click.echo("  ".join(parts))
+
+
 if __name__ == "__main__":
     sys.exit(main())

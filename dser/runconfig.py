@@ -1,0 +1,172 @@
+"""Run configs for the training recipe: the YAML schema, resolution, and the DeepSpeed config.
+
+A run config is one YAML file (``dser/configs/*.yaml``, each opening with its launch command)
+with the sections below; ``--set section.key=value`` overrides any key. Unknown or mistyped
+keys fail with the key's name and the allowed keys (``dser.config.from_dict``).
+
+Where DeepSpeed's values come from: the run config owns the batch (``data.max_batch_seconds``),
+``optim.grad_accum``, ``optim.grad_clip``, the learning rate and its schedule, and fills the
+``"auto"`` entries of the chosen ``ds_configs/*.json`` (micro-batch size is nominal: batches are
+capped by audio seconds, so their clip count varies). The DeepSpeed file owns the ZeRO stage,
+offload, communication buckets and precision (bf16/fp16), which ``deepspeed.precision`` may
+override (``fp32`` to run without mixed precision, e.g. on a CPU without bf16 support).
+
+Usage::
+
+    cfg = resolve_config(Path("dser/configs/demo_stage1.yaml"), ["optim.lr=1e-3"], stage=1)
+    ds = deepspeed_config(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dser.config import ConfigError, apply_overrides, from_dict, knob, load_yaml, to_dict
+from dser.model.build import ModelConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+
+
+@dataclass
+class RehearsalConfig:
+    shards: list[str] = knob([], "source-domain shard groups mixed into stage-2 training (rehearsal)")
+    share: float = knob(0.0, "fraction of stage-2 training batches drawn from the rehearsal shards (0 = off)")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = knob([], "training shard groups: directories, .tar files or globs")
+    valid: list[str] = knob([], "validation shard groups (best checkpoint, early stopping)")
+    test: dict[str, list[str]] = knob({}, "named test sets evaluated after training, e.g. {acted: [...], natural: [...]}")
+    label_set: str | list[str] | None = knob("4class", "emotion classes: a name (4class, 6class, 8class) or a list")
+    styles: list[str] | None = knob(None, "keep only these styles (acted, natural); null keeps all")
+    max_seconds: float = knob(6.0, "training clips are randomly cropped to at most this many seconds")
+    eval_max_seconds: float = knob(30.0, "evaluation clips are cut to at most this many seconds")
+    max_batch_seconds: float = knob(48.0, "cap on padded audio seconds per batch (batch size varies with length)")
+    shuffle_buffer: int = knob(500, "samples held for shuffling during training")
+    bucket_buffer: int = knob(200, "samples sorted by length together when forming batches")
+    num_workers: int = knob(1, "data-loader worker processes per rank")
+    rehearsal: RehearsalConfig = knob(factory=RehearsalConfig, help="stage 2: replay of source data against forgetting")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = knob(5e-4, "peak learning rate of AdamW")
+    weight_decay: float = knob(0.01, "AdamW weight decay")
+    betas: list[float] = knob([0.9, 0.98], "AdamW betas")
+    eps: float = knob(1e-8, "AdamW epsilon")
+    max_steps: int = knob(1000, "optimizer steps in this stage")
+    warmup_steps: int = knob(100, "linear warm-up steps from 0 to lr")
+    schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warm-up, to min_lr_ratio * lr")
+    min_lr_ratio: float = knob(0.05, "final learning rate as a fraction of lr")
+    grad_accum: int = knob(1, "batches per optimizer step (DeepSpeed gradient_accumulation_steps)")
+    grad_clip: float = knob(1.0, "global gradient-norm clip (DeepSpeed gradient_clipping); 0 disables")
+    class_weighted_loss: bool = knob(False, "weight cross-entropy by inverse class frequency of the training set")
+
+
+@dataclass
+class TrainConfig:
+    log_every: int = knob(10, "optimizer steps between TensorBoard scalars")
+    eval_every: int = knob(200, "optimizer steps between validation runs (and at the end)")
+    save_every: int = knob(200, "optimizer steps between DeepSpeed checkpoints")
+    keep_last: int = knob(2, "checkpoints kept; older ones are pruned after a new one is complete")
+    early_stopping: int = knob(0, "stop after this many evaluations without improvement (0 = never)")
+    max_bad_samples: int = knob(100, "stop with an error once more corrupt samples than this were skipped")
+    max_nonfinite_steps: int = knob(5, "stop once this many consecutive steps had a non-finite loss")
+    progress: bool = knob(True, "progress bar on rank 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = knob("zero2_bf16", "a ds_configs/ name (zero0..3, zero3_offload × bf16/fp16) or a JSON path")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = knob("auto", "auto = as the DeepSpeed file says")
+    timeout_minutes: float = knob(10.0, "collective timeout: a dead rank makes the others exit within this bound")
+
+
+@dataclass
+class Stage2Config:
+    init_from: str | None = knob(None, "stage-1 run directory (null: the latest stage-1 run under runs_dir)")
+    freeze: list[str] = knob([], "parameter-name patterns of loaded parts to freeze, e.g. [lora_, head]")
+    fresh_adaptors: list[str] = knob([], "adaptors added fresh on top of the loaded ones: lora, bottleneck")
+    new_head: bool = knob(False, "start a new head (required when the label set differs from stage 1)")
+
+
+@dataclass
+class RunConfig:
+    name: str = knob("run", "run name; the run directory is runs_dir/<name>")
+    runs_dir: str = knob("runs", "where run directories are created")
+    seed: int = knob(0, "seed for weights of new parts, data order and crops")
+    task: Literal["categorical", "dimensional", "both"] = knob("categorical", "what the head predicts")
+    data: DataConfig = knob(factory=DataConfig, help="shards, labels, batching")
+    model: ModelConfig = knob(factory=ModelConfig, help="backbone, adaptors, head")
+    optim: OptimConfig = knob(factory=OptimConfig, help="optimizer and schedule")
+    train: TrainConfig = knob(factory=TrainConfig, help="logging, evaluation, checkpoints")
+    deepspeed: DeepSpeedConfig = knob(factory=DeepSpeedConfig, help="DeepSpeed engine")
+    stage2: Stage2Config = knob(factory=Stage2Config, help="stage 2 only: how to adapt a stage-1 run")
+
+
+def default_config_path(stage: int) -> Path:
+    """The demo config of a stage (what ``deepspeed dser/train.py --stage N`` uses alone)."""
+    return CONFIGS_DIR / f"demo_stage{stage}.yaml"
+
+
+def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate every key.
+
+    Raises:
+        ConfigError: unknown/mistyped keys (with the allowed ones) or a missing file.
+    """
+    path = Path(path) if path else default_config_path(stage)
+    if not path.is_file() and (CONFIGS_DIR / path.name).is_file() and not path.parent.name:
+        path = CONFIGS_DIR / path.name
+    data = apply_overrides(load_yaml(path), overrides)
+    cfg = from_dict(RunConfig, data, where="config")
+    if cfg.task != "dimensional" and cfg.data.label_set is None:
+        raise ConfigError("config.data.label_set: a categorical task needs a label set (e.g. 4class)")
+    if not 0.0 <= cfg.data.rehearsal.share < 1.0:
+        raise ConfigError("config.data.rehearsal.share: must be in [0, 1)")
+    return cfg
+
+
+def ds_config_path(name: str) -> Path:
+    """Resolve a ds_configs name (``zero2_bf16``) or a JSON path."""
+    p = Path(name)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    candidate = DS_CONFIGS_DIR / f"{p.stem}.json"
+    if candidate.is_file():
+        return candidate
+    choices = ", ".join(sorted(q.stem for q in DS_CONFIGS_DIR.glob("*.json")))
+    raise ConfigError(f"config.deepspeed.config: {name!r} is neither a JSON file nor one of {choices}")
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, cpu: bool) -> dict:
+    """The DeepSpeed config dict: the JSON file with its ``auto`` values filled from the run config."""
+    ds = json.loads(ds_config_path(cfg.deepspeed.config).read_text())
+    ds["train_micro_batch_size_per_gpu"] = 1  # nominal: batches are capped by audio seconds
+    ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
+    ds["train_batch_size"] = cfg.optim.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    if precision == "fp16" and cpu:
+        raise ConfigError("config.deepspeed: fp16 needs a GPU; on CPU use precision bf16 or fp32 "
+                          "(--set deepspeed.precision=bf16)")
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    if cpu:
+        # Offloading to the CPU is meaningless when training on it.
+        zero = ds.get("zero_optimization", {})
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+    return ds
+
+
+def config_as_dict(cfg: RunConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,554 @@
+"""The two-stage SER recipe on DeepSpeed.
+
+Stage 1 trains the configured adaptors and head on acted speech; stage 2 loads a stage-1 run
+and adapts it to natural speech (optionally freezing loaded parts, adding fresh adaptors,
+rehearsing source data). Both stream shards into a DeepSpeed ZeRO engine and end by evaluating
+every test set (source and target), so "target improves without losing the source" is visible.
+
+Launch::
+
+    deepspeed dser/train.py --stage 1                        # the demo, stage 1
+    deepspeed dser/train.py --stage 2                        # the demo, stage 2 (latest stage-1 run)
+    deepspeed --num_accelerators 2 dser/train.py --stage 1 --config dser/configs/iemocap_loso.yaml \
+        --set optim.lr=1e-4
+    deepspeed dser/train.py --stage 2 --init-from runs/demo-stage1-20261124-010203 --config CONFIG
+    deepspeed dser/train.py --resume runs/demo-stage1-20261124-010203      # continue a run
+    dser train --stage 1 --ranks 2                            # the same through the CLI
+
+The recipe reads top to bottom: setup (config, process group, run dir, data, model, engine,
+resume) → train loop (written out: forward, loss, backward, step, log, evaluate, checkpoint) →
+final evaluation, metrics.json and export. DeepSpeed does backward and step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # `deepspeed dser/train.py` puts dser/ itself on sys.path; its modules must not shadow
+    # top-level packages (dser/config.py vs anything named `config`).
+    sys.path.pop(0)
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from dser.config import ConfigError, from_dict, to_dict
+from dser.data import LoaderConfig, make_loader
+from dser.evaluate import evaluate_shards, format_metrics, write_json
+from dser.labels import LabelSet, get_label_set
+from dser.model.build import build_model
+from dser.model.checkpoint_io import export_model, load_adaptors, save_adaptors
+from dser.runconfig import RunConfig, deepspeed_config, resolve_config
+
+REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
+
+
+class RecipeError(Exception):
+    """A problem the user must fix (printed as one line by rank 0)."""
+
+
+# ----------------------------------------------------------------------------------------
+# setup helpers
+# ----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="dser two-stage SER training on DeepSpeed")
+    p.add_argument("--stage", type=int, choices=(1, 2), help="1: acted source data, 2: adapt to natural data")
+    p.add_argument("--config", type=Path, help="run config YAML (default: the demo config of the stage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--init-from", type=Path, help="stage 2: the stage-1 run directory")
+    p.add_argument("--run-dir", type=Path, help="exact run directory (default: runs_dir/<name>-<time>)")
+    p.add_argument("--resume", type=Path, help="continue the run in this directory from its latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = p.parse_args(argv)
+    if args.resume is None and args.stage is None:
+        p.error("--stage 1 or --stage 2 is required (or --resume RUN_DIR)")
+    return args
+
+
+def rank0_print(*a) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def broadcast(obj):
+    """Rank 0's value of ``obj`` on every rank."""
+    box = [obj]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def latest_run(runs_dir: Path, stage: int) -> Path:
+    """The most recently finished run of ``stage`` under ``runs_dir`` (has an export)."""
+    done = []
+    for cfg_file in Path(runs_dir).glob("*/config.yaml"):
+        run = cfg_file.parent
+        meta = yaml.safe_load(cfg_file.read_text()) or {}
+        if meta.get("stage") == stage and (run / "export" / "config.yaml").is_file():
+            done.append((run.stat().st_mtime, run))
+    if not done:
+        raise RecipeError(f"no finished stage-{stage} run under {runs_dir}; run stage {stage} first "
+                          f"or pass --init-from RUN_DIR")
+    return max(done)[1]
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warm-up to 1, then cosine/linear decay to min_lr_ratio (or constant)."""
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+    return f
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+class TrainStream:
+    """Endless training batches over epochs, and where it is (epoch, batches done) for resume.
+
+    With rehearsal, a second stream of source-domain batches is mixed in: each batch comes
+    from it with probability ``share``, drawn from a generator seeded by (seed, batch number)
+    so a resumed run makes the same choices.
+    """
+
+    def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None, share: float, seed: int,
+                 state: dict | None = None):
+        self.cfgs = {"main": main, "rehearsal": rehearsal}
+        self.share, self.seed = share, seed
+        self.pos = (state or {}).get("pos", {"main": [0, 0], "rehearsal": [0, 0]})
+        self.drawn = (state or {}).get("drawn", 0)
+        self.iters = {}
+
+    def _next(self, which: str) -> dict:
+        while True:
+            if which not in self.iters:
+                epoch, skip = self.pos[which]
+                self.iters[which] = iter(make_loader(self.cfgs[which], epoch=epoch, skip_batches=skip))
+            batch = next(self.iters[which], None)
+            if batch is not None:
+                self.pos[which][1] += 1
+                return batch
+            if self.pos[which][1] == 0:
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                raise RecipeError(f"rank {rank} got no {which} training data from "
+                                  f"{self.cfgs[which].shards}: are there fewer shards than ranks x workers?")
+            del self.iters[which]
+            self.pos[which] = [self.pos[which][0] + 1, 0]
+
+    def next(self) -> dict:
+        use_rehearsal = False
+        if self.cfgs["rehearsal"] is not None and self.share > 0:
+            g = np.random.default_rng([self.seed, 7919, self.drawn])
+            use_rehearsal = g.random() < self.share
+        self.drawn += 1
+        return self._next("rehearsal" if use_rehearsal else "main")
+
+    def state(self) -> dict:
+        return {"pos": {k: list(v) for k, v in self.pos.items()}, "drawn": self.drawn}
+
+
+# ----------------------------------------------------------------------------------------
+# the recipe
+# ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    # ---- process group -----------------------------------------------------------------
+    import deepspeed  # only the recipes import DeepSpeed
+
+    cpu = not torch.cuda.is_available()
+    deepspeed.init_distributed(timeout=dt.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
+    if not cpu:
+        torch.cuda.set_device(device)
+
+    try:
+        return _run(args, deepspeed, rank, world, device, cpu)
+    except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+        # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
+        if rank == 0:
+            print(f"dser train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool) -> int:
+    # ---- config and run directory -------------------------------------------------------
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise RecipeError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        meta = yaml.safe_load((run_dir / "config.yaml").read_text())
+        stage = meta["stage"]
+        cfg = from_dict(RunConfig, meta["config"], where="config")
+    else:
+        stage = args.stage
+        cfg = resolve_config(args.config, args.overrides, stage)
+        if stage == 2:
+            init_from = args.init_from or (Path(cfg.stage2.init_from) if cfg.stage2.init_from else None)
+            init_from = init_from or latest_run(Path(cfg.runs_dir), stage=1)
+            cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(init_from)))
+        stamp = broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"
+    ckpt_dir, tb_dir, export_dir = run_dir / "checkpoints", run_dir / "tensorboard", run_dir / "export"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"stage": stage, "config": to_dict(cfg)}, sort_keys=False))
+    if dist.is_initialized():
+        dist.barrier()
+    rank0_print(f"dser: stage {stage} run in {run_dir} ({world} rank{'s' if world > 1 else ''}, "
+                f"{'CPU' if cpu else 'GPU'})")
+
+    # ---- seeds, labels, data ------------------------------------------------------------
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # same new-part weights on every rank
+    label_set: LabelSet | None = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+    num_classes = label_set.num_classes if label_set else None
+    for split in ("train", "valid"):
+        if not getattr(cfg.data, split):
+            raise RecipeError(f"config.data.{split} is empty: name the shard groups to {split} on")
+
+    def loader_cfg(shards: list[str], train: bool) -> LoaderConfig:
+        d = cfg.data
+        return LoaderConfig(shards=list(shards), label_set=label_set, styles=d.styles,
+                            require=REQUIRE[cfg.task], train=train, seed=cfg.seed,
+                            max_seconds=d.max_seconds if train else d.eval_max_seconds,
+                            max_batch_seconds=d.max_batch_seconds, shuffle_buffer=d.shuffle_buffer,
+                            bucket_buffer=d.bucket_buffer, num_workers=d.num_workers)
+
+    # ---- model: build, stage-2 loading, freezing ---------------------------------------
+    model = build_model(cfg.model, num_classes=num_classes, task=cfg.task)
+    init_meta = None
+    if stage == 2:
+        init_dir = Path(cfg.stage2.init_from)
+        init_meta = yaml.safe_load((init_dir / "export" / "config.yaml").read_text()) \
+            if (init_dir / "export" / "config.yaml").is_file() else None
+        if init_meta is None:
+            raise RecipeError(f"stage2.init_from {init_dir}: no export/ there; did its stage 1 finish?")
+        src = init_meta.get("label_set")
+        same_labels = (src == (label_set.to_dict() if label_set else None))
+        if not same_labels and not cfg.stage2.new_head:
+            raise RecipeError(f"stage 2 label set {label_set and label_set.classes} differs from stage 1's "
+                              f"{src and src['classes']}: set stage2.new_head: true")
+        load_adaptors(model, init_dir / "export" / "adaptors.safetensors",
+                      skip_prefixes=("head.",) if cfg.stage2.new_head else ())
+        model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
+        model.freeze(cfg.stage2.freeze)
+    elif getattr(model.backbone, "needs_feature_stats", False):
+        # Filterbank front end with global normalisation: fit per-bin statistics on training
+        # data. Every rank reads the same first batches (rank 0's view of all shards), so the
+        # statistics agree without communication.
+        fit_cfg = replace(loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0)
+        batches = []
+        for i, b in enumerate(make_loader(fit_cfg)):
+            batches.append((b["audio"], b["attention_mask"]))
+            if i >= 15:
+                break
+        model.backbone.fit_feature_stats(batches)
+    model.log_summary(print_fn=rank0_print)
+    params = model.parameter_counts()
+
+    # ---- engine ------------------------------------------------------------------------
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_config = deepspeed_config(cfg, world, cpu)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"] \
+        else torch.float32
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+    class_weights = None
+    if cfg.optim.class_weighted_loss and label_set is not None:
+        class_weights = _class_weights(loader_cfg(cfg.data.train, train=False), num_classes)
+        rank0_print("class weights:", [round(w, 3) for w in class_weights.tolist()])
+
+    # ---- resume ------------------------------------------------------------------------
+    step, best, evals_since_best, stream_state = 0, None, 0, None
+    history: list[dict] = []
+    if args.resume:
+        latest = ckpt_dir / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+            state = torch.load(ckpt_dir / tag / f"dser_rank{rank}.pt", weights_only=False)
+            step, best = state["step"], state["best"]
+            evals_since_best, history = state["evals_since_best"], state["history"]
+            stream_state = state["stream"]
+            set_rng_state(state["rng"])
+            rank0_print(f"resumed from {ckpt_dir / tag} at step {step}")
+        else:
+            rank0_print(f"no checkpoint in {ckpt_dir} yet: starting from the beginning")
+
+    rehearsal_cfg = loader_cfg(cfg.data.rehearsal.shards, train=True) if cfg.data.rehearsal.shards else None
+    if rehearsal_cfg is not None:
+        rehearsal_cfg = replace(rehearsal_cfg, seed=cfg.seed + 1)
+    stream = TrainStream(loader_cfg(cfg.data.train, train=True), rehearsal_cfg, cfg.data.rehearsal.share,
+                         cfg.seed, stream_state)
+
+    # ---- logging -----------------------------------------------------------------------
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(tb_dir))
+        writer.add_text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", step)
+    bar = None
+    if rank == 0 and cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.optim.max_steps, initial=step, desc=f"stage {stage}", dynamic_ncols=True)
+
+    def forward(audio, mask):
+        return engine(audio.to(device, dtype), mask.to(device))
+
+    def evaluate(sets: dict[str, list[str]]) -> dict[str, dict]:
+        engine.eval()
+        results = {}
+        for name, shards in sets.items():
+            results[name] = evaluate_shards(forward, shards, label_set, cfg.task,
+                                            max_seconds=cfg.data.eval_max_seconds,
+                                            max_batch_seconds=cfg.data.max_batch_seconds,
+                                            num_workers=cfg.data.num_workers, device=str(device), dtype=dtype)
+        engine.train()
+        return results
+
+    def score(m: dict) -> float:
+        return m["ua"] if cfg.task != "dimensional" else m["ccc_mean"]
+
+    def save_best():
+        _gathered_call(deepspeed, model, zero3, rank,
+                       lambda: save_adaptors(model, run_dir / "best" / "adaptors.safetensors"))
+
+    # Preemption (Slurm's USR1 warning, SIGTERM): finish the current step, checkpoint, exit.
+    stop_signal = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stop_signal["sig"] = signum
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def checkpoint():
+        state = {"step": step, "best": best, "evals_since_best": evals_since_best, "history": history,
+                 "stream": stream.state(), "rng": rng_state()}
+        _save_checkpoint(engine, ckpt_dir, f"step{step:08d}", state, rank, cfg.train.keep_last)
+
+    # ---- train loop --------------------------------------------------------------------
+    engine.train()
+    t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
+    nonfinite_run = 0
+    while step < cfg.optim.max_steps:
+        for _ in range(cfg.optim.grad_accum):
+            batch = stream.next()
+            out = forward(batch["audio"], batch["attention_mask"])
+            loss, parts = model.loss(out, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()},
+                                     class_weights=class_weights)
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                # Every rank must run backward (gradients are reduced collectively): drop this
+                # batch's contribution by backpropagating zero.
+                # Zero from the parameters themselves: a graph through NaN activations would
+                # still give NaN gradients (0 * NaN).
+                loss = sum(p.sum() for p in trainable) * 0.0
+                nonfinite_run += 1
+                if nonfinite_run > cfg.train.max_nonfinite_steps:
+                    raise RecipeError(f"non-finite loss for {nonfinite_run} batches in a row at step {step}; "
+                                      f"lower optim.lr or check the data")
+            else:
+                nonfinite_run = 0
+                loss_sum += loss.detach().float().cpu()
+                loss_n += 1
+            engine.backward(loss)
+            engine.step()
+            samples_log += len(batch["utt_id"])
+            seconds_log += batch["duration_s"]
+        step += 1
+        if bar is not None:
+            bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.optim.max_steps:
+            elapsed = time.time() - t_log
+            mean_loss = (loss_sum / max(1, loss_n)).item()
+            gnorm = engine.get_global_grad_norm()
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                if gnorm is not None:
+                    writer.add_scalar("train/grad_norm", float(gnorm), step)
+                writer.add_scalar("train/samples_per_s", samples_log * world / elapsed, step)
+                writer.add_scalar("train/audio_seconds_per_s", seconds_log * world / elapsed, step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
+
+        if step % cfg.train.eval_every == 0 or step == cfg.optim.max_steps:
+            m = evaluate({"valid": cfg.data.valid})["valid"]
+            history.append({"step": step, **{k: v for k, v in m.items() if k != "confusion"}})
+            if writer is not None:
+                _log_metrics(writer, "valid", m, step)
+            if best is None or score(m) > best:
+                best, evals_since_best = score(m), 0
+                save_best()
+            else:
+                evals_since_best += 1
+            rank0_print(f"step {step}: {format_metrics('valid', m)}  (best {best:.3f})")
+            if cfg.train.early_stopping and evals_since_best >= cfg.train.early_stopping:
+                rank0_print(f"early stopping at step {step}: {evals_since_best} evaluations without improvement")
+                break
+
+        if step % cfg.train.save_every == 0 or stop_signal["sig"] is not None:
+            checkpoint()
+            if stop_signal["sig"] is not None:
+                rank0_print(f"signal {stop_signal['sig']}: checkpoint written at step {step}; exiting to be resumed")
+                return 0
+    if bar is not None:
+        bar.close()
+
+    # ---- final: best weights, test sets, metrics.json, export ---------------------------
+    _gathered_call(deepspeed, model, zero3, rank,
+                   lambda: load_adaptors(model, run_dir / "best" / "adaptors.safetensors"), modify=True)
+    test_sets = dict(cfg.data.test) or {"valid": cfg.data.valid}
+    results = evaluate(test_sets)
+    for name, m in results.items():
+        rank0_print(format_metrics(name, m))
+        if writer is not None:
+            _log_metrics(writer, f"test/{name}", m, step)
+    if rank == 0:
+        write_json(run_dir / "metrics.json", {
+            "stage": stage, "run_dir": str(run_dir), "steps": step, "best_valid": best,
+            "init_from": cfg.stage2.init_from if stage == 2 else None,
+            "params": params, "config": to_dict(cfg), "valid_history": history,
+            "eval": {name: {k: v for k, v in m.items()} for name, m in results.items()}})
+    _gathered_call(deepspeed, model, zero3, rank, lambda: export_model(
+        model, export_dir, run_config={"stage": stage, **to_dict(cfg)},
+        label_set=label_set.to_dict() if label_set else None))
+    if writer is not None:
+        writer.close()
+    rank0_print(f"metrics: {run_dir / 'metrics.json'}\nexport: {export_dir}\ntensorboard: {tb_dir}")
+    dist.barrier()
+    return 0
+
+
+def _class_weights(cfg: LoaderConfig, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights over the training set's labels (normalised to mean 1)."""
+    counts = torch.zeros(num_classes)
+    cfg = replace(cfg, rank=0, world_size=1)
+    for b in make_loader(cfg):
+        e = b["emotion"][b["emotion"] >= 0]
+        counts += torch.bincount(e, minlength=num_classes).float()
+    w = counts.sum() / counts.clamp(min=1) / num_classes
+    return w / w.mean()
+
+
+def _gathered_call(deepspeed, model, zero3: bool, rank: int, fn, modify: bool = False) -> None:
+    """Run ``fn`` with the full adaptor and head weights: on rank 0 to read them, on every
+    rank (ZeRO 0-2) or rank 0 then broadcast (ZeRO-3) to change them.
+
+    Under ZeRO-3 a partitioned parameter is empty on each rank; GatheredParameters makes the
+    full tensors visible (a collective), and with ``modifier_rank`` sends rank 0's changes back.
+    """
+    if zero3:
+        params = [p for n, p in model.named_parameters() if p.requires_grad or model.is_adaptor_param(n)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+            if rank == 0:
+                fn()
+    elif rank == 0 or modify:
+        fn()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: int) -> None:
+    """Atomic checkpoint: written under a temporary name, published by rename, then `latest`.
+
+    A kill during the save leaves the previous checkpoint and its `latest` pointer intact; old
+    checkpoints are pruned only after the new one is complete.
+    """
+    tmp_root = ckpt_dir / ".incoming"
+    if rank == 0:
+        shutil.rmtree(tmp_root / tag, ignore_errors=True)
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(state, tmp_root / tag / f"dser_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        final = ckpt_dir / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp_root / tag, final)
+        pointer = ckpt_dir / "latest.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, ckpt_dir / "latest")
+        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+
+
+def _log_metrics(writer, prefix: str, m: dict, step: int) -> None:
+    for k, v in m.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("samples", "labelled"):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+    if "confusion" in m:
+        writer.add_figure(f"{prefix}/confusion", _confusion_figure(m["confusion"], m.get("classes")), step)
+
+
+def _confusion_figure(conf: list[list[int]], classes: list[str] | None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.asarray(conf)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(c, cmap="Blues")
+    names = classes or [str(i) for i in range(len(c))]
+    ax.set_xticks(range(len(c)), names, rotation=45)
+    ax.set_yticks(range(len(c)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    for i in range(len(c)):
+        for j in range(len(c)):
+            ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    sys.exit(main())
