@@ -1,0 +1,632 @@
+"""The streaming data loader: WebDataset shards in, padded batches capped by audio seconds out.
+
+Training and evaluation read the shards written by ``dser shard`` (``<group>/<group>-NNNNNN.tar``
+holding ``<key>.flac`` + ``<key>.json``) through one pipeline per rank. Decoding happens *after*
+the batches are planned, so planning (and skipping, on resume) costs only tar reading::
+
+    shard specs ─resolve_shards─▶ .tar paths ─shuffle (seed, epoch)─▶ split by node (rank)
+        │   (training only)                    (every rank the same order; rank r takes r::W)
+        ▼
+    WebDataset: tar → {key.flac (bytes), key.json} ─ parse JSON only ─ filter: label set, style,
+        │       required labels ─ shuffle buffer on compressed samples (training only)
+        ▼
+    bucket by length: a buffer sorted by (cropped) duration, cut into batches whose padded
+        │       size B × T_max ≤ max_batch_seconds; batch order shuffled (training) or kept
+        ▼
+    the epoch's *plan*: batch 0, 1, 2, … — the same on every DataLoader worker of the rank
+        │
+        ▼  split by worker: of the plan from batch ``skip`` on, worker p takes every K-th
+    decode FLAC (soundfile, int16 → float32 / 32768) ─ crop ─ pad ─▶ batch dict
+
+Why split by worker at the batch level (every worker reads its rank's tars; each decodes a
+1/K share of the batches) rather than at the shard level: the rank's batch sequence is then
+one plan that does not depend on the number of workers, PyTorch's in-order round robin over
+workers hands it back exactly in plan order, and resuming at batch ``n`` of an epoch is exact
+(``make_loader(cfg, epoch=e, skip_batches=n)``) even after some workers ran dry, and even with a
+different ``num_workers``. The cost is that every worker reads (not decodes) the rank's tar
+bytes and holds its own shuffle and bucket buffers; workers walk the tars in step, so the page
+cache serves most reads, and decoding dominates. A few workers per rank (2–4) are enough: one
+decodes and pads well over 1000× real time.
+
+Where a rank's number comes from: ``LoaderConfig.rank``/``world_size`` when set (tests
+simulate ranks this way), else the initialised ``torch.distributed`` process group (as
+``deepspeed.init_distributed`` makes), else the launcher's ``RANK``/``WORLD_SIZE`` variables,
+else rank 0 of 1. It is resolved once, in the main process, because spawned workers have no
+process group; webdataset 1.0.2's own ``split_by_node`` would read ``RANK`` first and
+``torch.distributed`` only inside each worker.
+
+Batch dict (what the loader yields; ``B`` clips, ``T`` = longest clip in samples at 16 kHz)::
+
+    audio            (B, T) float32   waveforms in [-1, 1), zero after each clip's end
+    attention_mask   (B, T) bool      True on real samples
+    lengths          (B,)   long      real samples per clip
+    emotion          (B,)   long      class index in the label set; -100 where the clip has no
+                                      class in the set or there is no label set
+    attributes       (B, 3) float32   valence, arousal, dominance in [0, 1]; NaN where unlabelled
+    utt_id           list[str]        utterance ids, in row order
+    duration_s       float            real audio seconds in the batch (for audio-seconds/s logs)
+    epoch, index     int              where the batch sits: the epoch and its place in the plan
+    bad_samples      list[str]        "utt_id: reason" of corrupt samples left out since the
+                                      previous batch (counted against train.max_bad_samples)
+
+A batch has ``B = 0`` only when every clip planned into it turned out corrupt; the recipe
+should draw the next batch.
+
+Resume: the consumer counts the batches it took in the current epoch; a loader made with
+``make_loader(cfg, epoch=e, skip_batches=n)`` yields batch ``n`` of epoch ``e`` first, and the
+same batches (clips, crops, order) an uninterrupted loader would. Random crops draw from a
+generator seeded by (seed, epoch, utt_id), the shuffles by (seed, epoch, rank), so nothing
+depends on how far anybody skipped. ``BatchStream`` wraps this into an endless training
+iterator that tracks ``(epoch, batches_done)``.
+
+Usage::
+
+    cfg = LoaderConfig(shards=["shards/iemocap/Session1", "shards/iemocap/Session2"],
+                       label_set="4class", max_seconds=6.0, max_batch_seconds=48.0, train=True)
+    for batch in make_loader(cfg, epoch=0):
+        batch["audio"]              # (B, T)
+    stream = BatchStream(cfg)                          # endless, across epochs
+    batch = next(iter(stream)); stream.state()         # {"epoch": 0, "batches_done": 1}
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal, Sequence, TypeVar
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dser.labels import ATTRIBUTES, STYLES, LabelSet, get_label_set
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
+
+# A clip whose FLAC holds more or less audio than its JSON ``duration`` by over this much is
+# corrupt (batches are planned from ``duration``, so a wrong one could break the seconds cap).
+_DURATION_TOLERANCE_S = 0.02
+
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """Shards or loader settings the user must fix; the message names the file or key."""
+
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, it comes back re-made from torch's "Caught DataError
+        # in DataLoader worker process N. Original Traceback …"; keep the one line that matters.
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+@dataclass
+class LoaderConfig:
+    """What to read and how to batch it.
+
+    Attributes:
+        shards: shard groups: directories (all ``*.tar`` below, recursively), ``.tar`` files
+            or globs.
+        label_set: classes for ``emotion`` targets: a ``LabelSet``, a name (``4class``) or a
+            list of emotions (see ``dser.labels.get_label_set``); None gives -100 everywhere.
+        styles: keep only clips of these styles (``acted``, ``natural``); None keeps all.
+        require: which labels a clip must have to be kept: ``emotion`` (a class in the label
+            set), ``attributes`` (all of valence, arousal, dominance), ``any`` (either), or
+            None (keep every clip, e.g. for prediction).
+        max_seconds: clips longer than this are cut: a random window when training, the
+            first ``max_seconds`` when evaluating; None keeps whole clips.
+        max_batch_seconds: cap on padded audio per batch, B × T_max, in seconds.
+        bucket_buffer: clips sorted by length together when planning batches.
+        bucket_min_batches: the bucket buffer also holds at least this many batches' worth of
+            audio, so padding stays small for any ``max_batch_seconds``.
+        shuffle_buffer: compressed clips held for shuffling (training only).
+        seed: seed for shard order, shuffles and crops.
+        num_workers: DataLoader worker processes per rank (0 = in the calling process).
+        prefetch_factor: batches each worker prepares ahead.
+        pin_memory: pin batch tensors (only with CUDA).
+        train: training (shuffle, random crops) or evaluation (fixed order, every clip once).
+        sample_rate: the shards' sample rate; a clip at another rate is corrupt.
+        rank, world_size: this process's rank and the number of ranks; None takes them from
+            ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
+    """
+
+    shards: list[str] = field(default_factory=list)
+    label_set: LabelSet | str | list[str] | None = None
+    styles: list[str] | None = None
+    require: Literal["emotion", "attributes", "any"] | None = "emotion"
+    max_seconds: float | None = None
+    max_batch_seconds: float = 48.0
+    bucket_buffer: int = 200
+    bucket_min_batches: int = 16
+    shuffle_buffer: int = 500
+    seed: int = 0
+    num_workers: int = 1
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    train: bool = True
+    sample_rate: int = 16000
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.shards, (str, Path)):
+            self.shards = [str(self.shards)]
+        if self.label_set is not None and not isinstance(self.label_set, LabelSet):
+            try:
+                self.label_set = get_label_set(self.label_set)
+            except ValueError as e:
+                raise DataError(f"data.label_set: {e}") from e
+        if self.require not in ("emotion", "attributes", "any", None):
+            raise DataError(f"data.require: {self.require!r} is not one of emotion, attributes, any, null")
+        if self.require == "emotion" and self.label_set is None:
+            raise DataError("data.require: 'emotion' needs a label set (data.label_set, e.g. 4class)")
+        for s in self.styles or ():
+            if s not in STYLES:
+                raise DataError(f"data.styles: {s!r} is not one of {', '.join(STYLES)}")
+        if not self.max_batch_seconds > 0:
+            raise DataError(f"data.max_batch_seconds: must be positive, got {self.max_batch_seconds}")
+        if self.max_seconds is not None:
+            if not self.max_seconds > 0:
+                raise DataError(f"data.max_seconds: must be positive or null, got {self.max_seconds}")
+            if self.max_seconds > self.max_batch_seconds:
+                raise DataError(f"data.max_seconds ({self.max_seconds}) exceeds data.max_batch_seconds "
+                                f"({self.max_batch_seconds}): one clip would not fit in a batch")
+        for key in ("bucket_buffer", "bucket_min_batches", "shuffle_buffer", "prefetch_factor", "sample_rate"):
+            if getattr(self, key) < (0 if key in ("bucket_min_batches", "shuffle_buffer") else 1):
+                raise DataError(f"data.{key}: {getattr(self, key)} is too small")
+        if self.num_workers < 0:
+            raise DataError(f"data.num_workers: {self.num_workers} is negative")
+        if (self.rank is None) != (self.world_size is None):
+            raise DataError("data.rank and data.world_size: give both or neither")
+        if self.world_size is not None and not 0 <= self.rank < self.world_size:
+            raise DataError(f"data.rank {self.rank} is not in [0, world_size={self.world_size})")
+
+
+# ----------------------------------------------------------------------------------------
+# shard lists
+# ----------------------------------------------------------------------------------------
+
+def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
+    """Expand shard specs into absolute ``.tar`` paths, sorted within each spec, duplicates dropped.
+
+    Args:
+        specs: directories (every ``*.tar`` below, recursively), ``.tar`` files, or globs
+            (``shards/iemocap/Session[1-4]``, ``shards/**/*.tar``); ``~`` is expanded.
+
+    Returns:
+        The shard paths, in spec order.
+
+    Raises:
+        DataError: a spec that matches no shard, naming it.
+    """
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    out: list[str] = []
+    seen: set[str] = set()
+    for spec in specs:
+        text = os.path.expanduser(str(spec))
+        if glob.has_magic(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+        elif os.path.exists(text):
+            matches = [Path(text)]
+        else:
+            raise DataError(f"shard spec {str(spec)!r}: no such file or directory "
+                            f"(give shard group directories, .tar files or globs; make shards with `dser shard`)")
+        found: list[Path] = []
+        for m in matches:
+            if m.is_dir():
+                found.extend(sorted(m.rglob("*.tar")))
+            elif m.is_file() and m.suffix == ".tar":
+                found.append(m)
+        if not found:
+            raise DataError(f"shard spec {str(spec)!r} matches no .tar shards; "
+                            f"point it at a directory written by `dser shard` or at .tar files")
+        for p in found:
+            key = str(p.resolve())
+            if key not in seen:
+                seen.add(key)
+                out.append(key)
+    return out
+
+
+def resolve_rank(cfg: LoaderConfig) -> tuple[int, int]:
+    """``(rank, world_size)`` for splitting shards: the config's, the process group's, the
+    launcher's environment, or (0, 1)."""
+    if cfg.world_size is not None:
+        return cfg.rank, cfg.world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _seed(*parts: int) -> int:
+    """A stable 64-bit seed from integers (unlike ``hash``, the same in every process)."""
+    words = np.random.SeedSequence([p % (1 << 63) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def _utt_hash(utt_id: str) -> int:
+    return zlib.crc32(utt_id.encode("utf-8"))
+
+
+def epoch_shards(shards: Sequence[str], seed: int, epoch: int, train: bool) -> list[str]:
+    """The epoch's shard order: shuffled by (seed, epoch) for training, as given otherwise.
+    Every rank computes the same order, so splitting it by rank covers each shard once."""
+    shards = list(shards)
+    if train:
+        random.Random(_seed(seed, epoch, 0x5A4D)).shuffle(shards)
+    return shards
+
+
+def _take_every(src: Iterable[T], start: int, step: int) -> Iterator[T]:
+    """``islice(src, start, None, step)`` as a webdataset pipeline stage."""
+    return islice(src, start, None, step)
+
+
+# ----------------------------------------------------------------------------------------
+# planning: parse, filter, shuffle, bucket (no decoding)
+# ----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Clip:
+    """A parsed but not yet decoded sample."""
+
+    utt_id: str
+    flac: bytes
+    url: str
+    full: int  # samples in the stored audio, from the JSON duration
+    length: int  # samples it will have in the batch (after cutting to max_seconds)
+    emotion: int
+    attributes: tuple[float, float, float]
+
+
+@dataclass
+class _PlannedBatch:
+    clips: list[_Clip]
+    bad: list[str]
+
+
+def cut_batches(lengths: Sequence[int], max_batch_samples: int) -> list[list[int]]:
+    """Sort clips by length and cut the sorted run greedily into batches under a padded cap.
+
+    Each batch takes the next-longest clips while ``len(batch) × longest ≤ max_batch_samples``;
+    a clip longer than the cap makes a batch of its own.
+
+    Args:
+        lengths: clip lengths (any unit, e.g. samples).
+        max_batch_samples: cap on ``batch size × longest clip`` (same unit).
+
+    Returns:
+        Batches as lists of indices into ``lengths``, shortest clips first.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        # Sorted ascending, so clip i is the batch's new longest.
+        if cur and (len(cur) + 1) * lengths[i] > max_batch_samples:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def bucket_by_length(items: Iterable[T], length: Callable[[T], int], max_batch_samples: int,
+                     buffer_size: int, min_buffer_length: int = 0,
+                     rng: random.Random | None = None) -> Iterator[list[T]]:
+    """Group a stream into batches of similar length, each under a padded-size cap.
+
+    Items collect in a buffer until it holds ``buffer_size`` items and ``min_buffer_length``
+    total length; the buffer is then cut with ``cut_batches``. Its last (longest, usually
+    part-filled) batch is carried into the next buffer rather than emitted underfull; the
+    end of the stream flushes everything, so every item comes out exactly once.
+
+    Args:
+        items: the stream.
+        length: an item's length (samples).
+        max_batch_samples: cap on ``batch size × longest item``.
+        buffer_size: items sorted together.
+        min_buffer_length: least total length in the buffer before cutting.
+        rng: shuffles the batch order of each cut (training); None keeps shortest first.
+
+    Yields:
+        Lists of items.
+    """
+    buf: list[T] = []
+    total = 0
+    for item in items:
+        buf.append(item)
+        total += length(item)
+        if len(buf) >= buffer_size and total >= min_buffer_length:
+            batches = [[buf[i] for i in b] for b in cut_batches([length(x) for x in buf], max_batch_samples)]
+            buf = batches.pop()
+            total = sum(length(x) for x in buf)
+            if rng is not None:
+                rng.shuffle(batches)
+            yield from batches
+    if buf:
+        batches = [[buf[i] for i in b] for b in cut_batches([length(x) for x in buf], max_batch_samples)]
+        if rng is not None:
+            rng.shuffle(batches)
+        yield from batches
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Approximate shuffle of a stream: fill ``size`` items, then emit a random one per new item."""
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _Planner:
+    """Turns raw tar samples into clips (JSON only) and filters them; notes corrupt ones."""
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.max_samples = None if cfg.max_seconds is None else int(round(cfg.max_seconds * cfg.sample_rate))
+        self.styles = set(cfg.styles) if cfg.styles else None
+        self.bad: list[str] = []
+
+    def parse(self, samples: Iterable[dict]) -> Iterator[_Clip]:
+        cfg = self.cfg
+        for s in samples:
+            key, url = s.get("__key__", "?"), s.get("__url__", "?")
+            if "json" not in s or "flac" not in s:
+                missing = "json" if "json" not in s else "flac"
+                self.bad.append(f"{key}: no {key}.{missing} in {url}")
+                continue
+            try:
+                meta = json.loads(s["json"])
+                utt_id = str(meta.get("utt_id") or key)
+                duration = float(meta["duration"])
+                if not (math.isfinite(duration) and duration > 0):
+                    raise ValueError(f"duration {duration}")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self.bad.append(f"{key}: unreadable {key}.json in {url} ({type(e).__name__}: {e})")
+                continue
+            if self.styles is not None and meta.get("style") not in self.styles:
+                continue
+            emotion = cfg.label_set.index(meta.get("emotion")) if cfg.label_set is not None else None
+            attributes = tuple(float(v) if isinstance(v, (int, float)) else math.nan
+                               for v in (meta.get(a) for a in ATTRIBUTES))
+            has_attrs = not any(math.isnan(v) for v in attributes)
+            if cfg.require == "emotion" and emotion is None:
+                continue
+            if cfg.require == "attributes" and not has_attrs:
+                continue
+            if cfg.require == "any" and emotion is None and not has_attrs:
+                continue
+            full = int(round(duration * cfg.sample_rate))
+            length = full if self.max_samples is None else min(full, self.max_samples)
+            yield _Clip(utt_id, s["flac"], url, full, length,
+                        IGNORE_INDEX if emotion is None else emotion, attributes)
+
+
+# ----------------------------------------------------------------------------------------
+# decoding and collating
+# ----------------------------------------------------------------------------------------
+
+def decode_flac(data: bytes, sample_rate: int) -> np.ndarray:
+    """Decode mono 16-bit FLAC bytes to int16 samples.
+
+    Raises:
+        ValueError: unreadable data, another sample rate, or more than one channel.
+    """
+    try:
+        audio, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"undecodable FLAC ({e})") from e
+    if sr != sample_rate:
+        raise ValueError(f"sample rate {sr} Hz, expected {sample_rate} Hz")
+    if audio.ndim != 1:
+        raise ValueError(f"{audio.shape[1]} channels, expected mono")
+    return audio
+
+
+def collate(samples: Sequence[dict], sample_rate: int = 16000) -> dict:
+    """Pad clips into a batch dict (the layout in this module's docstring).
+
+    Args:
+        samples: dicts with ``audio`` (1-D int16 samples, scaled by 1/32768, or float32 in
+            [-1, 1)), ``utt_id`` (str), and optionally ``emotion`` (int, default -100) and
+            ``attributes`` (3 floats, NaN where unlabelled; default all NaN).
+        sample_rate: the clips' rate, for ``duration_s``.
+
+    Returns:
+        The batch dict without the loader's bookkeeping keys (``epoch``, ``index``,
+        ``bad_samples``).
+    """
+    b = len(samples)
+    lengths = np.array([len(s["audio"]) for s in samples], dtype=np.int64)  # (B,)
+    t = int(lengths.max()) if b else 0
+    audio = np.zeros((b, t), dtype=np.float32)  # (B, T)
+    for i, s in enumerate(samples):
+        a = s["audio"]
+        if a.dtype == np.int16:
+            # x / 32768 is exact in float32 for every int16 x, so ×32768 recovers the PCM.
+            np.multiply(a, np.float32(1 / 32768), out=audio[i, : len(a)], casting="unsafe")
+        else:
+            audio[i, : len(a)] = a
+    lengths_t = torch.from_numpy(lengths)
+    return {
+        "audio": torch.from_numpy(audio),
+        "attention_mask": torch.from_numpy(np.arange(t)[None, :] < lengths[:, None]),  # (B, T)
+        "lengths": lengths_t,
+        "emotion": torch.tensor([s.get("emotion", IGNORE_INDEX) for s in samples], dtype=torch.long),
+        "attributes": torch.tensor([list(s.get("attributes", (math.nan,) * 3)) for s in samples],
+                                   dtype=torch.float32).reshape(b, 3),
+        "utt_id": [s["utt_id"] for s in samples],
+        "duration_s": float(lengths.sum()) / sample_rate,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# the dataset and the loader
+# ----------------------------------------------------------------------------------------
+
+def _shard_error(exn: Exception) -> bool:
+    """webdataset handler: a shard that cannot be read stops the run with its name."""
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
+    where = url or (str(exn.args[0]) if exn.args else "a shard")
+    raise DataError(f"{where}: unreadable shard ({type(exn).__name__}: {exn.args[0] if exn.args else exn}); "
+                    f"re-create it with `dser shard`") from exn
+
+
+class ShardStream(IterableDataset):
+    """One epoch of one rank's batches, from batch ``skip`` on, split across DataLoader workers.
+
+    Every worker plans the whole epoch (tar reading and JSON only) and decodes the batches
+    ``skip + p, skip + p + K, …`` (worker ``p`` of ``K``), so the DataLoader's round robin
+    returns them in plan order.
+    """
+
+    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int,
+                 epoch: int, skip: int):
+        super().__init__()
+        self.cfg, self.shards = cfg, shards
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = epoch, skip
+
+    def plan(self) -> Iterator[_PlannedBatch]:
+        """The rank's batches for the epoch, undecoded, in order."""
+        cfg = self.cfg
+        urls = epoch_shards(self.shards, cfg.seed, self.epoch, cfg.train)
+        if self.rank >= len(urls):
+            return
+        # Node splitting only: workers split the plan's batches below, not the shards.
+        source = wds.WebDataset(urls, shardshuffle=False, handler=_shard_error,
+                                nodesplitter=partial(_take_every, start=self.rank, step=self.world_size),
+                                workersplitter=None, empty_check=False)
+        planner = _Planner(cfg)
+        clips: Iterable[_Clip] = planner.parse(source)
+        rng = random.Random(_seed(cfg.seed, self.epoch, self.rank)) if cfg.train else None
+        if rng is not None and cfg.shuffle_buffer > 1:
+            clips = shuffle_buffer(clips, cfg.shuffle_buffer, rng)
+        cap = int(cfg.max_batch_seconds * cfg.sample_rate)
+        batches = bucket_by_length(clips, lambda c: c.length, cap, cfg.bucket_buffer,
+                                   cfg.bucket_min_batches * cap, rng)
+        for clips_ in batches:
+            # Each batch carries the corrupt samples noted since the previous one, so exactly
+            # one worker (the batch's) reports them.
+            bad, planner.bad = planner.bad, []
+            yield _PlannedBatch(clips_, bad)
+        if planner.bad:  # corrupt samples after the last batch: nobody else will report them
+            yield _PlannedBatch([], planner.bad)
+
+    def _load(self, clip: _Clip) -> dict:
+        cfg = self.cfg
+        pcm = decode_flac(clip.flac, cfg.sample_rate)
+        if abs(len(pcm) - clip.full) > _DURATION_TOLERANCE_S * cfg.sample_rate:
+            raise ValueError(f"its JSON duration says {clip.full / cfg.sample_rate:.3f} s "
+                             f"but the FLAC holds {len(pcm) / cfg.sample_rate:.3f} s")
+        n = min(len(pcm), clip.length)
+        start = 0
+        if cfg.train and len(pcm) > n:
+            start = random.Random(_seed(cfg.seed, self.epoch, _utt_hash(clip.utt_id))).randint(0, len(pcm) - n)
+        return {"audio": pcm[start: start + n], "utt_id": clip.utt_id, "emotion": clip.emotion,
+                "attributes": clip.attributes}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, planned in enumerate(self.plan()):
+            if index < self.skip or (index - self.skip) % num_workers != worker:
+                continue
+            samples, bad = [], list(planned.bad)
+            for clip in planned.clips:
+                try:
+                    samples.append(self._load(clip))
+                except ValueError as e:
+                    bad.append(f"{clip.utt_id}: {e} (in {clip.url})")
+            for b in bad:
+                log.warning("skipping corrupt sample %s", b)
+            if not planned.clips:  # the tail of corrupt samples: not a batch of the plan
+                continue
+            batch = collate(samples, self.cfg.sample_rate)
+            batch.update(epoch=self.epoch, index=index, bad_samples=bad)
+            yield batch
+
+
+def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> DataLoader:
+    """A DataLoader over one epoch of this rank's batches.
+
+    Args:
+        cfg: what to read and how to batch it.
+        epoch: the epoch (shard order, shuffles and crops depend on it in training).
+        skip_batches: start at this batch of the epoch; the skipped ones are planned but not
+            decoded, and the rest are exactly those an uninterrupted loader yields.
+
+    Returns:
+        A ``torch.utils.data.DataLoader`` yielding batch dicts (see the module docstring).
+
+    Raises:
+        DataError: a shard spec matching nothing, or (training) fewer shards than ranks.
+    """
+    shards = resolve_shards(cfg.shards)
+    rank, world_size = resolve_rank(cfg)
+    if cfg.train and len(shards) < world_size:
+        raise DataError(f"{len(shards)} training shard(s) in {cfg.shards} for {world_size} ranks: every rank "
+                        f"needs at least one; write more, smaller shards with `dser shard`")
+    if skip_batches < 0:
+        raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
+    dataset = ShardStream(cfg, shards, rank, world_size, epoch, skip_batches)
+    workers = cfg.num_workers
+    # The DataLoader's default in-order delivery (round robin over the workers, skipping those
+    # that ran dry) is what puts worker p's batches skip + p, skip + p + K, … back in plan order.
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+                      pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
+
+
+class BatchStream:
+    """Endless training batches over epochs that knows where it is, for checkpoints.
+
+    ``state()`` after taking a batch is ``{"epoch": e, "batches_done": n}``: n batches of
+    epoch e consumed. ``BatchStream(cfg, **state)`` continues with the next one, as an
+    uninterrupted stream would. Positions are per rank; a recipe saves every rank's.
+    """
+
+    def __init__(self, cfg: LoaderConfig, epoch: int = 0, batches_done: int = 0):
+        self.cfg, self.epoch, self.batches_done = cfg, epoch, batches_done
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            fresh = self.batches_done == 0
+            for batch in make_loader(self.cfg, epoch=self.epoch, skip_batches=self.batches_done):
+                self.batches_done += 1
+                yield batch
+            if fresh and self.batches_done == 0:
+                rank, world = resolve_rank(self.cfg)
+                raise DataError(f"rank {rank} of {world} got no training clips from {self.cfg.shards} in "
+                                f"epoch {self.epoch}: check data.label_set, data.styles and data.require")
+            self.epoch, self.batches_done = self.epoch + 1, 0

@@ -1,0 +1,41 @@
+"""Run under the DeepSpeed launcher by test_data_multirank.py: each rank writes the utt_ids it read.
+
+    deepspeed --num_accelerators 2 tests/integration/data_multirank_script.py --shards DIR --out DIR
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+
+from dser.data import LoaderConfig, make_loader
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
+    args = ap.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # RANK/WORLD_SIZE removed: the loader must take the rank from the process group.
+    os.environ.pop("RANK", None)
+    os.environ.pop("WORLD_SIZE", None)
+    read = {}
+    for name, train, epoch in (("train0", True, 0), ("train1", True, 1), ("eval", False, 0)):
+        cfg = LoaderConfig(shards=[args.shards], label_set=None, require=None, train=train,
+                           max_seconds=1.0 if train else None, max_batch_seconds=4.0,
+                           num_workers=args.workers, seed=3)
+        read[name] = [u for batch in make_loader(cfg, epoch=epoch) for u in batch["utt_id"]]
+    out = Path(args.out) / f"rank{rank}.json"
+    out.write_text(json.dumps({"rank": rank, "world_size": world, "read": read}))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
