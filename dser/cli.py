@@ -172,5 +172,23 @@ def predict(run_dir, files, as_json, max_seconds):
         click.echo("  ".join(parts))
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+def verify(out):
+    """Check every shard in OUT against its index.json: sha256, decoding, counts, durations."""
+    from dser.shards import ShardError
+    from dser.verify import verify_shards
+
+    try:
+        report = verify_shards(out)
+    except ShardError as e:
+        raise UserError(str(e)) from e
+    for p in report.problems:
+        click.echo(p)
+    click.echo(f"{report.shards} shards, {report.samples} samples, {report.seconds / 3600:.3f} h: "
+               f"{'OK' if report.ok else f'{len(report.problems)} problems'}")
+    sys.exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     sys.exit(main())
