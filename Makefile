@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/dser demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -rs tests
 
 clean:
 	rm -rf $(VENV) .cache demo_out
