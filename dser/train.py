@@ -140,11 +140,12 @@ class TrainStream:
     """
 
     def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None, share: float, seed: int,
-                 state: dict | None = None):
+                 max_bad_samples: int, state: dict | None = None):
         self.cfgs = {"main": main, "rehearsal": rehearsal}
-        self.share, self.seed = share, seed
+        self.share, self.seed, self.max_bad = share, seed, max_bad_samples
         self.pos = (state or {}).get("pos", {"main": [0, 0], "rehearsal": [0, 0]})
         self.drawn = (state or {}).get("drawn", 0)
+        self.bad_samples: list[str] = list((state or {}).get("bad_samples", []))
         self.iters = {}
 
     def _next(self, which: str) -> dict:
@@ -155,6 +156,13 @@ class TrainStream:
             batch = next(self.iters[which], None)
             if batch is not None:
                 self.pos[which][1] += 1
+                self.bad_samples.extend(batch["bad_samples"])
+                if len(self.bad_samples) > self.max_bad:
+                    raise RecipeError(f"{len(self.bad_samples)} corrupt training samples skipped, more than "
+                                      f"train.max_bad_samples={self.max_bad}; latest: {self.bad_samples[-1]}. "
+                                      f"Run dser verify on the shards")
+                if not batch["utt_id"]:  # every clip of this batch was corrupt
+                    continue
                 return batch
             if self.pos[which][1] == 0:
                 rank = dist.get_rank() if dist.is_initialized() else 0
@@ -172,7 +180,8 @@ class TrainStream:
         return self._next("rehearsal" if use_rehearsal else "main")
 
     def state(self) -> dict:
-        return {"pos": {k: list(v) for k, v in self.pos.items()}, "drawn": self.drawn}
+        return {"pos": {k: list(v) for k, v in self.pos.items()}, "drawn": self.drawn,
+                "bad_samples": list(self.bad_samples)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,7 +276,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
                       skip_prefixes=("head.",) if cfg.stage2.new_head else ())
         model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
         model.freeze(cfg.stage2.freeze)
-    elif getattr(model.backbone, "needs_feature_stats", False):
+    elif hasattr(model.backbone, "feature_frames"):
         # Filterbank front end with global normalisation: fit per-bin statistics on training
         # data. Every rank reads the same first batches (rank 0's view of all shards), so the
         # statistics agree without communication.
@@ -322,7 +331,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     if rehearsal_cfg is not None:
         rehearsal_cfg = replace(rehearsal_cfg, seed=cfg.seed + 1)
     stream = TrainStream(loader_cfg(cfg.data.train, train=True), rehearsal_cfg, cfg.data.rehearsal.share,
-                         cfg.seed, stream_state)
+                         cfg.seed, cfg.train.max_bad_samples, stream_state)
 
     # ---- logging -----------------------------------------------------------------------
     writer = None
