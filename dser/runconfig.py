@@ -79,6 +79,8 @@ class TrainConfig:
     max_bad_samples: int = knob(100, "stop with an error once more corrupt samples than this were skipped")
     max_nonfinite_steps: int = knob(5, "stop once this many consecutive steps had a non-finite loss")
     progress: bool = knob(True, "progress bar on rank 0")
+    stop_after_steps: int = knob(0, "checkpoint and exit after this many steps of one launch, to be resumed "
+                                    "with --resume (time-boxed jobs); 0 = run to max_steps")
 
 
 @dataclass
@@ -102,6 +104,8 @@ class RunConfig:
     runs_dir: str = knob("runs", "where run directories are created")
     seed: int = knob(0, "seed for weights of new parts, data order and crops")
     task: Literal["categorical", "dimensional", "both"] = knob("categorical", "what the head predicts")
+    source: str | None = knob(None, "name of the data.test set that is the source (acted) domain, for dser report")
+    target: str | None = knob(None, "name of the data.test set that is the target (natural) domain, for dser report")
     data: DataConfig = knob(factory=DataConfig, help="shards, labels, batching")
     model: ModelConfig = knob(factory=ModelConfig, help="backbone, adaptors, head")
     optim: OptimConfig = knob(factory=OptimConfig, help="optimizer and schedule")
@@ -128,6 +132,10 @@ def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunCo
     cfg = from_dict(RunConfig, data, where="config")
     if cfg.task != "dimensional" and cfg.data.label_set is None:
         raise ConfigError("config.data.label_set: a categorical task needs a label set (e.g. 4class)")
+    for role in ("source", "target"):
+        name = getattr(cfg, role)
+        if name is not None and name not in cfg.data.test:
+            raise ConfigError(f"config.{role}: {name!r} is not a test set; data.test has {', '.join(cfg.data.test) or 'none'}")
     if not 0.0 <= cfg.data.rehearsal.share < 1.0:
         raise ConfigError("config.data.rehearsal.share: must be in [0, 1)")
     return cfg

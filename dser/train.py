@@ -342,7 +342,8 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     bar = None
     if rank == 0 and cfg.train.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.optim.max_steps, initial=step, desc=f"stage {stage}", dynamic_ncols=True)
+        bar = tqdm(total=cfg.optim.max_steps, initial=step, desc=f"stage {stage}", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def forward(audio, mask):
         return engine(audio.to(device, dtype), mask.to(device))
@@ -380,6 +381,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
 
     # ---- train loop --------------------------------------------------------------------
     engine.train()
+    start_step = step
     t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
     nonfinite_run = 0
     while step < cfg.optim.max_steps:
@@ -442,10 +444,14 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
                 rank0_print(f"early stopping at step {step}: {evals_since_best} evaluations without improvement")
                 break
 
-        if step % cfg.train.save_every == 0 or stop_signal["sig"] is not None:
+        time_boxed = cfg.train.stop_after_steps and step - start_step >= cfg.train.stop_after_steps \
+            and step < cfg.optim.max_steps
+        if step % cfg.train.save_every == 0 or stop_signal["sig"] is not None or time_boxed:
             checkpoint()
-            if stop_signal["sig"] is not None:
-                rank0_print(f"signal {stop_signal['sig']}: checkpoint written at step {step}; exiting to be resumed")
+            if stop_signal["sig"] is not None or time_boxed:
+                why = f"signal {stop_signal['sig']}" if stop_signal["sig"] is not None else \
+                    f"train.stop_after_steps={cfg.train.stop_after_steps}"
+                rank0_print(f"{why}: checkpoint written at step {step}; continue with --resume {run_dir}")
                 return 0
     if bar is not None:
         bar.close()

@@ -1,0 +1,152 @@
+"""The training recipe through the real DeepSpeed launcher on 2 CPU ranks.
+
+Runs from a temporary working directory holding small synthetic demo shards, with the demo
+run configs shortened by --set overrides. Covers ZeRO-2 and ZeRO-3 in bf16, stage 2 starting
+from stage 1, resume equal to an uninterrupted run, TensorBoard read back with TensorBoard's
+own reader, the peft export, predict vs evaluation, and config errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dser.corpora import read_corpus
+from dser.corpora.synthetic import synthesize
+from dser.launch import launch_command
+from dser.runconfig import default_config_path
+from dser.shards import build_shards
+
+pytestmark = pytest.mark.integration
+
+SHORT = ["--set", "optim.max_steps=12", "--set", "optim.warmup_steps=2", "--set", "train.eval_every=6",
+         "--set", "train.save_every=6", "--set", "train.log_every=3", "--set", "train.progress=false",
+         "--set", "data.max_batch_seconds=24", "--set", "data.shuffle_buffer=50"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A working directory with shards/demo-{acted,natural}/{train,valid,test} (small)."""
+    root = tmp_path_factory.mktemp("train")
+    for style, seed in (("acted", 1), ("natural", 2)):
+        manifest = synthesize(root / "data" / style, style, utterances=96, speakers=6, seed=seed)
+        build_shards(read_corpus("manifest", manifest), root / "shards" / f"demo-{style}",
+                     corpus=f"demo-{style}", root=manifest, max_shard_samples=8, progress=False)
+    return root
+
+
+def run_train(cwd: Path, *args: str, ranks: int = 2, expect: int = 0) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(list(args), ranks=ranks)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def stage1(cwd: Path, run: str, *extra: str) -> Path:
+    run_train(cwd, "--stage", "1", "--config", str(default_config_path(1)), *SHORT, "--run-dir", f"runs/{run}", *extra)
+    return cwd / "runs" / run
+
+
+def test_stage1_zero2_then_stage2_from_its_weights(workdir):
+    run1 = stage1(workdir, "s1-zero2")
+    m1 = json.loads((run1 / "metrics.json").read_text())
+    assert m1["stage"] == 1 and m1["steps"] == 12
+    assert set(m1["eval"]) == {"acted", "natural"}
+    for m in m1["eval"].values():
+        assert {"ua", "wa", "macro_f1", "confusion"} <= set(m)
+        assert np.asarray(m["confusion"]).sum() == 16  # every test clip exactly once
+    assert 0 < m1["params"]["all"]["trainable"] < m1["params"]["all"]["total"]
+
+    # TensorBoard, read back with TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run1 / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/audio_seconds_per_s",
+                "valid/ua", "valid/wa", "valid/macro_f1", "test/acted/ua", "test/natural/ua"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("valid/ua")] == [6, 12]
+    assert "valid/confusion" in tags["images"]
+    assert any("config" in t for t in tags["tensors"])
+
+    # stage 2 without --init-from finds the latest stage-1 run; lr 0 keeps the loaded weights
+    run_train(workdir, "--stage", "2", "--config", str(default_config_path(2)), *SHORT,
+              "--set", "optim.lr=0.0", "--run-dir", "runs/s2")
+    m2 = json.loads((workdir / "runs" / "s2" / "metrics.json").read_text())
+    assert m2["stage"] == 2 and Path(m2["init_from"]).resolve() == run1.resolve()
+    w1 = load_file(run1 / "export" / "adaptors.safetensors")
+    w2 = load_file(workdir / "runs" / "s2" / "export" / "adaptors.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0, msg=k)
+
+
+def test_zero3_bf16_trains_and_exports_for_peft(workdir):
+    run = stage1(workdir, "s1-zero3", "--set", "deepspeed.config=zero3_bf16")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["eval"]["acted"]["samples"] == 16
+    # the LoRA export loads with peft's own loader onto a bare backbone
+    from peft import PeftModel
+
+    from dser.model.backbone import load_backbone
+    from dser.model.checkpoint_io import load_exported
+    model, _, _ = load_exported(run / "export")
+    bare = load_backbone(model.cfg.backbone)
+    peft_model = PeftModel.from_pretrained(bare.model, str(run / "export" / "lora"))
+    ours = {k.split("lora_")[1]: v for k, v in model.backbone.model.state_dict().items() if "lora_" in k}
+    theirs = {k.split("lora_")[1]: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and ours
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k])
+    assert any(v.abs().sum() > 0 for k, v in ours.items() if k.startswith("B")), "LoRA B never trained"
+
+
+def test_resume_matches_uninterrupted_run(workdir):
+    full = stage1(workdir, "full")
+    part = stage1(workdir, "part", "--set", "train.stop_after_steps=6")
+    assert not (part / "metrics.json").exists()
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step00000006"
+    run_train(workdir, "--resume", str(part))
+    a = load_file(full / "export" / "adaptors.safetensors")
+    b = load_file(part / "export" / "adaptors.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    ma = json.loads((full / "metrics.json").read_text())["eval"]
+    mb = json.loads((part / "metrics.json").read_text())["eval"]
+    for name in ma:
+        assert mb[name]["ua"] == pytest.approx(ma[name]["ua"])
+        assert mb[name]["confusion"] == ma[name]["confusion"]
+
+
+def test_predict_gives_the_probabilities_of_evaluation(workdir):
+    run = workdir / "runs" / "s1-zero2"
+    if not (run / "export").is_dir():
+        run = stage1(workdir, "s1-zero2")
+    from dser.evaluate import evaluate_shards
+    from dser.model.checkpoint_io import load_exported
+    from dser.predict import predict_files
+
+    model, run_config, label_set = load_exported(run / "export")
+    m = evaluate_shards(lambda a, mask: model(a, mask), [str(workdir / "shards/demo-acted/test")], label_set,
+                        "categorical", return_predictions=True)
+    preds = m["predictions"]
+    rows = [json.loads(line) for line in (workdir / "data/acted/manifest.jsonl").read_text().splitlines()]
+    path_of = {r["utt_id"]: workdir / "data/acted" / r["path"] for r in rows}
+    for i in (0, 5):
+        utt = preds["utt_id"][i]
+        (p,) = predict_files(run, [path_of[utt]])
+        got = np.array([p["probabilities"][c] for c in label_set.classes])
+        np.testing.assert_allclose(got, preds["emotion_prob"][i], atol=1e-4)
+
+
+def test_bad_config_key_fails_with_its_name(workdir):
+    r = run_train(workdir, "--stage", "1", "--set", "optim.lrr=1", expect=2, ranks=1)
+    assert "unknown key config.optim.lrr" in r.stderr + r.stdout
+    assert "allowed keys in config.optim" in r.stderr + r.stdout
