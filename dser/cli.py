@@ -190,5 +190,24 @@ def verify(out):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command()
+@click.option("--backbone-config", required=True,
+              help="Architecture: wavlm-base-plus, wavlm-large, hubert-large, or a tiny preset (tiny-wavlm …).")
+@click.option("--adaptors", required=True, help="Comma-separated adaptors, e.g. lora,bottleneck (none: head only).")
+@click.option("--num-classes", default=4, show_default=True, help="Emotion classes of the head.")
+@click.option("--task", type=click.Choice(["categorical", "dimensional", "both"]), default="categorical",
+              show_default=True)
+def params(backbone_config, adaptors, num_classes, task):
+    """Print trainable / total parameters per adaptor (random weights on the meta device, no download)."""
+    from dser.model.build import format_parameter_table, parameter_counts
+
+    names = [a.strip() for a in adaptors.split(",") if a.strip()]
+    try:
+        rows = parameter_counts(backbone_config, names, num_classes=num_classes, task=task)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    click.echo(format_parameter_table(rows))
+
+
 if __name__ == "__main__":
     sys.exit(main())

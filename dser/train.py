@@ -49,7 +49,8 @@ from dser.data import LoaderConfig, make_loader
 from dser.evaluate import evaluate_shards, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.build import build_model
-from dser.model.checkpoint_io import export_model, load_adaptors, save_adaptors
+from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
+                                      load_export_weights, save_adaptors)
 from dser.runconfig import RunConfig, deepspeed_config, resolve_config
 
 REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args, deepspeed, rank, world, device, cpu)
-    except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
@@ -262,18 +263,14 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     model = build_model(cfg.model, num_classes=num_classes, task=cfg.task)
     init_meta = None
     if stage == 2:
-        init_dir = Path(cfg.stage2.init_from)
-        init_meta = yaml.safe_load((init_dir / "export" / "config.yaml").read_text()) \
-            if (init_dir / "export" / "config.yaml").is_file() else None
-        if init_meta is None:
-            raise RecipeError(f"stage2.init_from {init_dir}: no export/ there; did its stage 1 finish?")
-        src = init_meta.get("label_set")
-        same_labels = (src == (label_set.to_dict() if label_set else None))
-        if not same_labels and not cfg.stage2.new_head:
-            raise RecipeError(f"stage 2 label set {label_set and label_set.classes} differs from stage 1's "
+        init_export = Path(cfg.stage2.init_from) / "export"
+        if not (init_export / "export.json").is_file():
+            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: no export/ there; did its stage 1 finish?")
+        src = export_labels(init_export)
+        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
+            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
                               f"{src and src['classes']}: set stage2.new_head: true")
-        load_adaptors(model, init_dir / "export" / "adaptors.safetensors",
-                      skip_prefixes=("head.",) if cfg.stage2.new_head else ())
+        load_export_weights(model, init_export, skip_prefixes=("head.",) if cfg.stage2.new_head else ())
         model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
         model.freeze(cfg.stage2.freeze)
     elif hasattr(model.backbone, "feature_frames"):

@@ -1,211 +1,398 @@
-"""Build the SER model: backbone → adaptors → head, and account for its parameters.
+"""Build the SER model (backbone → adaptors → head) and account for its parameters.
 
 Usage::
 
     cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny-wavlm"}, "adaptors": ["lora", "weighted_sum"]})
     model = build_model(cfg, num_classes=4, task="categorical")
-    out = model(audio, attention_mask)            # {"logits": (B, 4), "attributes": None, "pooled": (B, 256)}
+    out = model(audio, attention_mask)        # logits (B, 4), attributes None, pooled (B, 256)
     loss, parts = model.loss(out, batch)
-    model.log_summary()                           # targeted modules + trainable/total per adaptor
+    model.log_summary()                       # targeted modules + trainable / total per adaptor
 
-Everything outside the selected adaptors and the head is frozen (``full`` unfreezes the
-backbone except its CNN front end, ``none`` trains the head alone).
+    # stage 2, after loading stage-1 weights (dser.model.checkpoint_io):
+    model.add_fresh_adaptors(["lora"])        # a second LoRA set, "stage2", trains beside the loaded one
+    model.freeze(["lora_A.default", "lora_B.default", "head"])
+
+    print(format_parameter_table(parameter_counts("wavlm-large", ["lora", "bottleneck"])))  # dser params
+
+Which parameters train is decided here, by name, after every adaptor is applied: a parameter
+trains iff it belongs to an applied adaptor (its ``PATTERN``, see ``dser.model.adaptors``), to
+the head, or to the backbone under ``full``, and no freeze pattern caught it. Everything else
+(the pretrained backbone) is frozen.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from dser.config import knob
-from dser.model.adaptors import ADAPTORS, FRESH, NAMES, PREFIXES
+from dser.config import ConfigError, knob
+from dser.model.adaptors import ADAPTORS, DEFAULT_SET, FRESH, FRESH_SET, check_adaptor_names
 from dser.model.adaptors.bottleneck import BottleneckConfig
 from dser.model.adaptors.lora import LoraConfig
 from dser.model.adaptors.weight_gating import WeightGatingConfig
 from dser.model.adaptors.weighted_sum import WeightedSumConfig
-from dser.model.backbone import BackboneConfig, load_backbone
-from dser.model.head import Head, HeadConfig, ser_loss
+from dser.model.backbone import REAL_CONFIGS, TINY_PRESETS, Backbone, BackboneConfig, load_backbone
+from dser.model.head import TASKS, Head, HeadConfig
 
-FEATURE_BUFFERS = ("backbone.feature_mean", "backbone.feature_std", "backbone.feature_frames")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelConfig:
+    """The model section of a run config (``model:``)."""
+
     backbone: BackboneConfig = knob(factory=BackboneConfig, help="the speech encoder")
-    adaptors: list[str] = knob(["lora", "bottleneck", "weighted_sum", "weight_gating"],
-                               f"adaptors to train, any combination of {', '.join(NAMES)}")
-    lora: LoraConfig = knob(factory=LoraConfig, help="LoRA settings (when adaptors has lora)")
+    adaptors: list[str] = knob(
+        ["lora", "bottleneck", "weighted_sum", "weight_gating"],
+        f"what trains besides the head, any combination of {', '.join(ADAPTORS)} (full and none are baselines)",
+    )
+    lora: LoraConfig = knob(factory=LoraConfig, help="LoRA settings (used when adaptors lists lora)")
     bottleneck: BottleneckConfig = knob(factory=BottleneckConfig, help="bottleneck adapter settings")
     weighted_sum: WeightedSumConfig = knob(factory=WeightedSumConfig, help="weighted layer sum settings")
     weight_gating: WeightGatingConfig = knob(factory=WeightGatingConfig, help="weight-gating settings")
     head: HeadConfig = knob(factory=HeadConfig, help="projector, pooling, classifier / regressor")
+    freeze: list[str] = knob(
+        [], "parameter-name patterns (regular expressions, e.g. lora_A, bneck_, wgate_, head) frozen after building"
+    )
 
     def __post_init__(self):
-        unknown = [a for a in self.adaptors if a not in NAMES]
-        if unknown:
-            raise ValueError(f"unknown adaptor {unknown[0]!r}; choose from {', '.join(NAMES)}")
-        if len(set(self.adaptors)) != len(self.adaptors):
-            raise ValueError(f"adaptors lists one twice: {self.adaptors}")
-        if ("full" in self.adaptors or "none" in self.adaptors) and len(self.adaptors) > 1 \
-                and not set(self.adaptors) <= {"full", "weighted_sum"}:
-            raise ValueError(f"{self.adaptors}: full and none do not combine with other adaptors "
-                             f"(except full + weighted_sum)")
+        check_adaptor_names(self.adaptors)
+
+
+@dataclass
+class ParameterRow:
+    """One row of the parameter table: a group (``backbone``, ``lora``, ``lora (stage2)``, …, ``head``, ``all``)."""
+
+    group: str
+    trainable: int
+    total: int
+
+
+def _canonical(name: str) -> str:
+    """A parameter name without peft's ``.base_layer`` (added when LoRA wraps a layer)."""
+    return name.replace(".base_layer.", ".")
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave numel() == 0
 
 
 class SERModel(nn.Module):
-    """Backbone + adaptors + head. ``forward(audio, attention_mask)`` → outputs dict."""
+    """Backbone + adaptors + head.
 
-    def __init__(self, cfg: ModelConfig, task: str, num_classes: int | None):
+    Attributes:
+        backbone: the ``Backbone`` (LoRA lives inside ``backbone.model``).
+        head: the ``Head``.
+        bneck_adapters: bottleneck sets by name (``default``, ``stage2``); empty without bottleneck.
+        wsum_layers: the ``WeightedLayerSum`` or None.
+        wgate_gates: the weight gates by layer, or None.
+        cfg, task, num_classes: what the model was built with.
+        adaptors: applied adaptor names (``cfg.adaptors``); ``fresh_adaptors``: those added fresh in stage 2.
+        targets: targeted module names per adaptor set (``lora``, ``lora (stage2)``, …).
+        full_names: backbone parameter names that train under ``full`` (empty otherwise).
+        frozen: parameter names frozen by ``freeze``.
+    """
+
+    def __init__(self, backbone: Backbone, cfg: ModelConfig, task: str, num_classes: int | None):
         super().__init__()
         self.cfg, self.task, self.num_classes = cfg, task, num_classes
-        self.backbone = load_backbone(cfg.backbone)
-        self.hook_handles: list = []
+        self.backbone = backbone
         self.bneck_adapters = nn.ModuleDict()
-        self.wsum_layers = None
-        self.wgate_gates = None
-        self.fresh: list[str] = []
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.targeted: dict[str, list[str]] = {}
-        for name in cfg.adaptors:
-            if name in ADAPTORS:
-                self.targeted[name] = ADAPTORS[name].apply(self, getattr(cfg, name))
-        if "full" in cfg.adaptors:
-            front = {id(p) for p in self.backbone.front_end_parameters()} if cfg.backbone.freeze_feature_encoder else set()
-            for p in self.backbone.parameters():
-                if id(p) not in front:
-                    p.requires_grad_(True)
-            self.targeted["full"] = ["backbone (all but the frozen front end)"]
-        self.head = Head(self.backbone.hidden_size, cfg.head, task, num_classes)
+        self.wsum_layers: nn.Module | None = None
+        self.wgate_gates: nn.ModuleDict | None = None
+        self.head = Head(backbone.hidden_size, cfg.head, task, num_classes)
+        self.hook_handles: list = []
+        self.adaptors: list[str] = []
+        self.fresh_adaptors: list[str] = []
+        self.targets: dict[str, list[str]] = {}
+        self.full_names: frozenset[str] = frozenset()
+        self.frozen: set[str] = set()
 
-    # ---- forward and loss ---------------------------------------------------------------
+    # ---- forward and loss -----------------------------------------------------------------
 
-    def forward(self, audio: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """audio (B, T) float, attention_mask (B, T) bool → logits (B, C) / attributes (B, 3)."""
+    def forward(self, audio: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Predict emotions / attributes.
+
+        Args:
+            audio: (B, T) float, 16 kHz, padded at the end.
+            attention_mask: (B, T) bool, True on real samples; None means no padding.
+
+        Returns:
+            ``logits`` (B, C) or None, ``attributes`` (B, 3) or None, ``pooled`` (B, D).
+        """
         out = self.backbone(audio, attention_mask)
         if self.wsum_layers is not None:
             hidden = self.wsum_layers(out.hidden_states)  # (B, F, H)
         else:
-            hidden = out.hidden_states[-1]
+            hidden = out.hidden_states[-1]  # (B, F, H)
         return self.head(hidden, out.frame_mask)
 
-    def loss(self, out: dict, batch: dict, class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        return ser_loss(out, batch["emotion"], batch["attributes"], self.task,
-                        self.cfg.head.attribute_loss_weight, class_weights)
+    def loss(
+        self, outputs: dict, batch: dict, class_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss; see ``Head.loss`` (batch needs ``emotion`` and/or ``attributes``)."""
+        return self.head.loss(outputs, batch, class_weights)
 
-    # ---- stage 2 ------------------------------------------------------------------------
+    # ---- adaptors -------------------------------------------------------------------------
+
+    def module_name(self, module: nn.Module) -> str:
+        """The name of a submodule in this model (for logging what an adaptor targeted)."""
+        for name, m in self.named_modules():
+            if m is module:
+                return name
+        raise KeyError(f"{type(module).__name__} is not a submodule of the model")
+
+    def apply_adaptor(self, name: str, set_name: str = DEFAULT_SET) -> list[str]:
+        """Apply a registered adaptor and update which parameters train.
+
+        Args:
+            name: a ``dser.model.adaptors.ADAPTORS`` key.
+            set_name: ``default``, or ``stage2`` for a fresh set.
+
+        Returns:
+            The targeted module names (also kept in ``targets``).
+        """
+        adaptor = ADAPTORS[name]
+        cfg = getattr(self.cfg, adaptor.config_key) if adaptor.config_key else None
+        targets = adaptor.apply(self, cfg, set_name)
+        self.targets[name if set_name == DEFAULT_SET else f"{name} ({set_name})"] = targets
+        self.refresh_trainable()
+        return targets
 
     def add_fresh_adaptors(self, names: list[str]) -> None:
-        """Stage 2: add a second, freshly initialised LoRA and/or bottleneck set (``stage2``)."""
-        for name in names:
-            if name not in FRESH:
-                raise ValueError(f"stage2.fresh_adaptors: {name!r} cannot be added fresh; choose from {', '.join(FRESH)}")
-            if name == "lora":
-                self.targeted["lora (stage2)"] = ADAPTORS["lora"].apply(self, self.cfg.lora, adapter_name="stage2")
-            else:
-                self.targeted["bottleneck (stage2)"] = ADAPTORS["bottleneck"].apply(self, self.cfg.bottleneck,
-                                                                                   set_name="stage2")
-            self.fresh.append(name)
+        """Stage 2: add a second, freshly initialised set (``stage2``) of each named adaptor.
 
-    def freeze(self, patterns: list[str]) -> list[str]:
-        """Freeze every parameter whose name matches one of ``patterns`` (regular expressions or
-        plain substrings, e.g. ``lora_A``, ``bneck_``, ``wgate_``, ``head``); returns the names.
+        The fresh sets train; ``freeze`` never touches them. Call after loading the stage-1 weights.
 
         Raises:
-            ValueError: a pattern that matches no trainable parameter (a typo would otherwise
-                silently freeze nothing).
+            ConfigError: an adaptor that cannot be added fresh, or one added twice.
         """
-        frozen = []
-        for pat in patterns:
-            hits = [n for n, p in self.named_parameters() if p.requires_grad and re.search(pat, n)]
-            if not hits:
-                raise ValueError(f"stage2.freeze: {pat!r} matches no trainable parameter")
-            for n, p in self.named_parameters():
-                if n in hits:
-                    p.requires_grad_(False)
-            frozen += hits
-        return frozen
+        for name in names:
+            if name not in FRESH:
+                raise ConfigError(
+                    f"stage2.fresh_adaptors: {name!r} cannot be added fresh; choose from {', '.join(FRESH)}"
+                )
+            if name in self.fresh_adaptors:
+                raise ConfigError(f"stage2.fresh_adaptors lists {name!r} twice")
+            self.apply_adaptor(name, FRESH_SET)
+            self.fresh_adaptors.append(name)
 
-    # ---- accounting ---------------------------------------------------------------------
-
-    def is_adaptor_param(self, name: str) -> bool:
-        """Whether a parameter belongs to an adaptor or the head (what is saved and exported)."""
-        return ("lora_" in name or name.startswith(("bneck_", "wsum_", "wgate_", "head."))
-                or "full" in self.cfg.adaptors)
-
-    def saved_state(self) -> dict[str, torch.Tensor]:
-        """The tensors an adaptor checkpoint holds: adaptor + head parameters (all of them for
-        full finetuning) and fitted feature-normalisation buffers."""
-        state = self.state_dict()
-        names = {n for n, _ in self.named_parameters() if self.is_adaptor_param(n)}
-        names |= {n for n in FEATURE_BUFFERS if n in state}
-        return {n: state[n] for n in sorted(names)}
-
-    def _group(self, name: str) -> str:
-        if "lora_" in name:
-            return "lora"
-        for adaptor, prefix in PREFIXES.items():
-            if name.startswith(prefix):
-                return adaptor
+    def parameter_group(self, name: str) -> str:
+        """A parameter's group: an adaptor set (``lora``, ``bottleneck (stage2)``, …), ``head`` or ``backbone``."""
         if name.startswith("head."):
             return "head"
+        for adaptor in ADAPTORS.values():
+            match = re.search(adaptor.pattern, name) if adaptor.pattern else None
+            if match:
+                set_name = match.groupdict().get("set") or DEFAULT_SET
+                return adaptor.name if set_name == DEFAULT_SET else f"{adaptor.name} ({set_name})"
         return "backbone"
 
+    def is_adaptor_param(self, name: str) -> bool:
+        """Whether a parameter is trainable by design (adaptor, head, or backbone under ``full``).
+
+        These are what ``save_adaptors`` stores, frozen ones included (a frozen stage-1 set is
+        still part of a stage-2 model).
+        """
+        return self.parameter_group(name) != "backbone" or _canonical(name) in self.full_names
+
+    def is_fresh_param(self, name: str) -> bool:
+        """Whether a parameter belongs to a fresh stage-2 set."""
+        return self.parameter_group(name).endswith(f"({FRESH_SET})")
+
+    def refresh_trainable(self) -> None:
+        """Set ``requires_grad``: adaptor / head / full parameters train unless frozen; the rest is frozen."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_adaptor_param(name) and name not in self.frozen)
+
+    def freeze(self, patterns: list[str], where: str = "stage2.freeze") -> list[str]:
+        """Freeze the trainable parameters whose names match any of ``patterns`` (``re.search``).
+
+        Fresh stage-2 sets are never frozen: adding them is how stage 2 trains something new.
+
+        Args:
+            patterns: regular expressions or plain substrings, e.g. ``lora_A``, ``bneck_``, ``wgate_``, ``head``.
+            where: the config key the patterns came from (for error messages).
+
+        Returns:
+            The names frozen by this call.
+
+        Raises:
+            ConfigError: an invalid expression, or one matching no trainable parameter (a typo
+                would otherwise silently freeze nothing).
+        """
+        candidates = [n for n, _ in self.named_parameters() if self.is_adaptor_param(n) and not self.is_fresh_param(n)]
+        newly: list[str] = []
+        for pattern in patterns:
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression ({e})") from e
+            hits = [n for n in candidates if regex.search(n)]
+            if not hits:
+                groups = sorted({self.parameter_group(n) for n in candidates})
+                raise ConfigError(
+                    f"{where}: {pattern!r} matches no trainable parameter; the model trains {', '.join(groups)} "
+                    f"(e.g. {', '.join(candidates[:3])})"
+                )
+            newly += [n for n in hits if n not in self.frozen]
+            self.frozen.update(hits)
+        self.refresh_trainable()
+        return newly
+
+    # ---- accounting -----------------------------------------------------------------------
+
+    def parameter_table(self) -> list[ParameterRow]:
+        """Trainable / total parameters per group, then an ``all`` row (the whole model)."""
+        order = ["backbone"]
+        for name in ADAPTORS:
+            order += [name, f"{name} ({FRESH_SET})"]
+        order.append("head")
+        counts: dict[str, list[int]] = {}
+        for name, p in self.named_parameters():
+            row = counts.setdefault(self.parameter_group(name), [0, 0])
+            row[0] += _numel(p) if p.requires_grad else 0
+            row[1] += _numel(p)
+        rows = [ParameterRow(g, *counts[g]) for g in order if g in counts]
+        rows.append(ParameterRow("all", sum(r.trainable for r in rows), sum(r.total for r in rows)))
+        return rows
+
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        """Trainable and total parameters per group (lora, bottleneck, …, head, backbone, all)."""
-        counts: dict[str, dict[str, int]] = {}
-        for n, p in self.named_parameters():
-            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions to 0
-            g = counts.setdefault(self._group(n), {"trainable": 0, "total": 0})
-            g["total"] += numel
-            g["trainable"] += numel if p.requires_grad else 0
-        counts["all"] = {k: sum(v[k] for v in counts.values()) for k in ("trainable", "total")}
-        return counts
+        """``parameter_table`` as plain data (for metrics.json): group → {trainable, total}, plus ``all``."""
+        return {r.group: {"trainable": r.trainable, "total": r.total} for r in self.parameter_table()}
 
-    def log_summary(self, print_fn=print) -> None:
-        """Print the targeted modules and a trainable / total table per adaptor."""
-        for name, mods in self.targeted.items():
-            shown = ", ".join(mods[:6]) + (f", … ({len(mods)} in all)" if len(mods) > 6 else "")
-            print_fn(f"{name}: {shown}")
-        print_fn(format_parameter_table(self.parameter_counts()))
+    def log_summary(self, print_fn: Callable[[str], None] = log.info) -> None:
+        """Report the adaptors, the modules each targeted, and the parameter table."""
+        fresh = f" + fresh {', '.join(self.fresh_adaptors)}" if self.fresh_adaptors else ""
+        print_fn(f"model: {self.backbone.family} backbone ({self.backbone.num_layers} layers, hidden "
+                 f"{self.backbone.hidden_size}), adaptors {', '.join(self.adaptors)}{fresh}, task {self.task}")
+        for key, names in self.targets.items():
+            if key == "none":
+                print_fn("none: the backbone is frozen; only the head trains")
+                continue
+            print_fn(f"{key}: {len(names)} targeted")
+            for line in summarize_module_names(names):
+                print_fn(f"  {line}")
+        if self.frozen:
+            print_fn(f"frozen by pattern: {len(self.frozen)} parameters")
+        print_fn(format_parameter_table(self.parameter_table()))
 
 
-def format_parameter_table(counts: dict[str, dict[str, int]]) -> str:
-    """A fixed-width table of ``parameter_counts``."""
-    total = counts["all"]["total"] or 1
-    lines = [f"{'part':14s}{'trainable':>14s}{'total':>14s}{'% of model':>12s}"]
-    for g, c in counts.items():
-        lines.append(f"{g:14s}{c['trainable']:14,d}{c['total']:14,d}{100 * c['trainable'] / total:11.3f}%")
+def summarize_module_names(names: list[str]) -> list[str]:
+    """Collapse per-layer module names: ``….layers.{0-11}.attention.q_proj`` instead of 12 lines."""
+    templates: dict[str, list[int]] = {}
+    for name in names:
+        match = re.search(r"(?:^|\.)layers\.(\d+)(?=\.|$)", name)
+        if match is None:
+            templates.setdefault(name, [])
+            continue
+        start, end = match.span(1)
+        templates.setdefault(name[:start] + "{}" + name[end:], []).append(int(match.group(1)))
+    lines = []
+    for template, layers in templates.items():
+        if not layers:
+            lines.append(template)
+            continue
+        layers = sorted(set(layers))
+        contiguous = layers == list(range(layers[0], layers[-1] + 1))
+        span = f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
+        lines.append(template.replace("{}", "{" + span + "}"))
+    return lines
+
+
+def format_parameter_table(rows: list[ParameterRow]) -> str:
+    """A fixed-width text table of ``ParameterRow`` s; percentages are of the last row (``all``)."""
+    model_total = max(rows[-1].total, 1) if rows else 1
+    width = max([len(r.group) for r in rows] + [5]) + 2
+    lines = [f"{'group':<{width}}{'trainable':>14}{'total':>14}{'% of model':>12}"]
+    for r in rows:
+        lines.append(f"{r.group:<{width}}{r.trainable:>14,}{r.total:>14,}{100 * r.trainable / model_total:>11.3f}%")
     return "\n".join(lines)
 
 
-def build_model(cfg: ModelConfig, num_classes: int | None, task: str = "categorical") -> SERModel:
-    """Build backbone → adaptors → head.
+def build_model(cfg: ModelConfig, num_classes: int | None = None, task: str = "categorical") -> SERModel:
+    """Load the backbone, apply the adaptors in order, add the head, and set what trains.
 
     Args:
         cfg: the model config.
-        num_classes: emotion classes (categorical / both), else None.
+        num_classes: emotion classes of the label set (categorical / both); None for dimensional.
         task: ``categorical``, ``dimensional`` or ``both``.
+
+    Returns:
+        The ``SERModel`` in train mode; new parts are initialised from the global torch RNG
+        (seed it for the same weights on every rank), the backbone from its checkpoint or seed.
+
+    Raises:
+        ConfigError: a bad adaptor setting or freeze pattern; ``BackboneError`` for a bad backbone.
     """
-    return SERModel(cfg, task, num_classes)
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    try:
+        check_adaptor_names(cfg.adaptors)  # again: a ModelConfig may have been edited after construction
+    except ValueError as e:
+        raise ConfigError(f"model.adaptors: {e}") from e
+    model = SERModel(load_backbone(cfg.backbone), cfg, task, num_classes)
+    # "full" goes first: it reads which backbone parameters the backbone left trainable, and
+    # applying any other adaptor resets those flags (refresh_trainable). sorted() is stable.
+    for name in sorted(cfg.adaptors, key=lambda a: a != "full"):
+        model.apply_adaptor(name)
+    model.adaptors = list(cfg.adaptors)
+    if cfg.freeze:
+        model.freeze(cfg.freeze, where="model.freeze")
+    model.refresh_trainable()
+    return model
 
 
-def parameter_counts(backbone_config: str, adaptors: list[str], num_classes: int = 4,
-                     task: str = "categorical") -> dict[str, dict[str, int]]:
-    """``dser params``: trainable/total parameters of a real architecture (random weights).
+def parameter_counts(
+    backbone_config: str,
+    adaptors: list[str],
+    num_classes: int = 4,
+    task: str = "categorical",
+    model_cfg: ModelConfig | None = None,
+) -> list[ParameterRow]:
+    """Trainable / total parameters of an architecture with the given adaptors (``dser params``).
+
+    The model is built on the ``meta`` device: real shapes, no memory, no weights, no download,
+    so even WavLM Large takes a fraction of a second.
 
     Args:
-        backbone_config: a ``REAL_CONFIGS`` name (``wavlm-base-plus``, ``wavlm-large``…) or a
-            tiny preset.
-        adaptors: adaptor names.
-    """
-    from dser.model.backbone import REAL_CONFIGS
+        backbone_config: a real architecture (``REAL_CONFIGS``: wavlm-base-plus, wavlm-large,
+            hubert-large) or a tiny preset (``tiny-wavlm`` …).
+        adaptors: adaptor names, e.g. ``["lora", "bottleneck"]``.
+        num_classes: emotion classes of the head (categorical / both).
+        task: ``categorical``, ``dimensional`` or ``both``.
+        model_cfg: other adaptor / head settings (its backbone name and adaptors are replaced).
 
-    name = f"random:{backbone_config}" if backbone_config in REAL_CONFIGS else backbone_config
-    cfg = ModelConfig(backbone=BackboneConfig(name=name), adaptors=list(adaptors))
+    Returns:
+        ``ParameterRow`` s per group and a final ``all`` row; print with ``format_parameter_table``.
+
+    Raises:
+        ConfigError: an unknown architecture or adaptor.
+    """
+    if backbone_config in REAL_CONFIGS:
+        name = f"random:{backbone_config}"
+    elif backbone_config in TINY_PRESETS:
+        name = backbone_config
+    else:
+        raise ConfigError(
+            f"--backbone-config {backbone_config!r} is not a known architecture; choose from "
+            f"{', '.join([*REAL_CONFIGS, *TINY_PRESETS])}"
+        )
+    base = model_cfg or ModelConfig()
+    try:
+        cfg = ModelConfig(
+            backbone=BackboneConfig(**{**vars(base.backbone), "name": name}),
+            adaptors=list(adaptors),
+            lora=base.lora, bottleneck=base.bottleneck, weighted_sum=base.weighted_sum,
+            weight_gating=base.weight_gating, head=base.head,
+        )
+    except ValueError as e:
+        raise ConfigError(f"--adaptors: {e}") from e
     with torch.device("meta"):
-        model = build_model(cfg, num_classes, task)
-    return model.parameter_counts()
+        model = build_model(cfg, num_classes=num_classes if task != "dimensional" else None, task=task)
+    return model.parameter_table()

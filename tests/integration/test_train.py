@@ -81,11 +81,12 @@ def test_stage1_zero2_then_stage2_from_its_weights(workdir):
               "--set", "optim.lr=0.0", "--run-dir", "runs/s2")
     m2 = json.loads((workdir / "runs" / "s2" / "metrics.json").read_text())
     assert m2["stage"] == 2 and Path(m2["init_from"]).resolve() == run1.resolve()
-    w1 = load_file(run1 / "export" / "adaptors.safetensors")
-    w2 = load_file(workdir / "runs" / "s2" / "export" / "adaptors.safetensors")
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0, msg=k)
+    for rel in ("adaptors.safetensors", "lora/adapter_model.safetensors"):
+        w1 = load_file(run1 / "export" / rel)
+        w2 = load_file(workdir / "runs" / "s2" / "export" / rel)
+        assert w1.keys() == w2.keys() and w1
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0, msg=k)
 
 
 def test_zero3_bf16_trains_and_exports_for_peft(workdir):
@@ -114,10 +115,12 @@ def test_resume_matches_uninterrupted_run(workdir):
     assert not (part / "metrics.json").exists()
     assert (part / "checkpoints" / "latest").read_text().strip() == "step00000006"
     run_train(workdir, "--resume", str(part))
-    a = load_file(full / "export" / "adaptors.safetensors")
-    b = load_file(part / "export" / "adaptors.safetensors")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    for rel in ("adaptors.safetensors", "lora/adapter_model.safetensors"):
+        a = load_file(full / "export" / rel)
+        b = load_file(part / "export" / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     ma = json.loads((full / "metrics.json").read_text())["eval"]
     mb = json.loads((part / "metrics.json").read_text())["eval"]
     for name in ma:

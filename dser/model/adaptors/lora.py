@@ -1,72 +1,130 @@
-"""LoRA on the backbone's attention projections, through ``peft`` (never hand-written).
+"""LoRA on the backbone, through ``peft`` (never hand-written).
 
-``apply`` wraps ``backbone.model`` in a ``peft.PeftModel`` with a ``LoraConfig`` (adapter name
-``default``; a fresh stage-2 set is added as ``stage2`` with both sets active), so the
-export is peft's own adapter format and ``PeftModel.from_pretrained(bare_model, dir)`` loads it.
-The backbone calls its projection modules (WavLM's attention is switched to a module-calling
-forward in ``backbone.py``), so the LoRA update always takes effect.
+``apply`` injects ``peft`` LoRA layers into ``backbone.model`` (the transformers model) with
+``peft.inject_adapter_in_model``: the model is mutated in place and stays the transformers model,
+so parameter names are the backbone's own plus peft's ``lora_A`` / ``lora_B`` (and DoRA's
+``lora_magnitude_vector``)::
 
-Parameter names carry peft's ``lora_A`` / ``lora_B`` (prefix ``lora_``).
+    backbone.model.encoder.layers.0.attention.q_proj.base_layer.weight   (frozen)
+    backbone.model.encoder.layers.0.attention.q_proj.lora_A.default.weight
+    backbone.model.encoder.layers.0.attention.q_proj.lora_B.default.weight
+
+The first set is peft's adapter ``default``; stage 2's fresh set is a second adapter ``stage2``
+in the same layers, and both stay *active* (peft sums the updates of every active adapter), so
+the loaded set keeps working, may be frozen by name (``lora_A.default``), and exports as a
+separate peft adapter. Merging the loaded set into the base weights instead was rejected: the
+exported backbone would then differ from the public checkpoint and have to be saved whole.
+
+Default targets are the family's attention projections (``backbone.lora_targets``: q/k/v/out,
+w2v-BERT's linear_q/k/v/out). WavLM's stock attention would bypass them (it passes the weights
+to ``F.multi_head_attention_forward``); ``backbone.py`` switches it to a module-calling forward,
+so LoRA takes effect on every family (tested per family).
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
-from dser.config import knob
+import peft
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import set_adapter
 
-PREFIX = "lora_"
+from dser.config import ConfigError, knob
+
+log = logging.getLogger(__name__)
+
+# peft's parameter names: lora_A, lora_B, lora_magnitude_vector (DoRA), then the adapter (set) name.
+PATTERN = r"\.lora_\w+\.(?P<set>[^.]+)(?:\.|$)"
 
 
 @dataclass
 class LoraConfig:
+    """LoRA settings (``model.lora``)."""
+
     rank: int = knob(8, "LoRA rank r")
-    alpha: float = knob(16.0, "LoRA scaling alpha (update scaled by alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    dropout: float = knob(0.0, "dropout on the LoRA input")
-    target_modules: list[str] | None = knob(None, "module names to adapt (null: the family's q/k/v/out projections)")
-    layers: list[int] | None = knob(None, "transformer layer indices to adapt (null: all)")
-    use_dora: bool = knob(False, "DoRA: weight-decomposed LoRA")
-    use_rslora: bool = knob(False, "rank-stabilised LoRA scaling alpha / sqrt(r)")
+    alpha: float = knob(16.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = knob(0.0, "dropout on the LoRA branch input (0.05 is common; 0 = off)")
+    target_modules: list[str] | None = knob(
+        None, "module names (suffixes, as peft matches them) to adapt; null = the family's attention "
+        "projections (q_proj, k_proj, v_proj, out_proj; w2v-BERT: linear_q, linear_k, linear_v, linear_out)"
+    )
+    layers: list[int] | None = knob(None, "transformer layer indices to adapt (0-based); null = all layers")
+    use_dora: bool = knob(False, "DoRA: weight-decomposed LoRA (adds a magnitude vector per adapted module)")
+    use_rslora: bool = knob(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(r)")
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+            raise ValueError(f"lora.rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("lora.target_modules is an empty list; give module names or null for the default")
 
 
-def peft_config(cfg: LoraConfig, backbone):
-    """The ``peft.LoraConfig`` for a backbone."""
-    import peft
-
+def peft_config(cfg: LoraConfig, backbone) -> peft.LoraConfig:
+    """The ``peft.LoraConfig`` for ``cfg`` on ``backbone`` (what the export's adapter_config.json holds)."""
     return peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules or backbone.lora_targets),
+        # Every family keeps its transformer layers in a ModuleList named "layers"
+        # (encoder.layers.N / layers.N), which is what peft's layer filter matches.
         layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
         layers_pattern="layers" if cfg.layers is not None else None,
-        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias="none")
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        bias="none",
+    )
 
 
-def apply(model, cfg: LoraConfig, adapter_name: str = "default") -> list[str]:
-    """Add a LoRA set to ``model.backbone``; returns the targeted module names.
+def adapter_names(hf_model) -> list[str]:
+    """The LoRA adapters injected into a transformers model, in the order they were added."""
+    return list(getattr(hf_model, "peft_config", {}))
 
-    The first set wraps the backbone's model in a PeftModel; a later one (stage 2's fresh set)
-    is added beside it and both stay active.
+
+def apply(model, cfg: LoraConfig, set_name: str = "default") -> list[str]:
+    """Inject a LoRA set (peft adapter ``set_name``) into ``model.backbone``; all sets stay active.
+
+    Args:
+        model: the ``SERModel``.
+        cfg: the LoRA settings.
+        set_name: peft adapter name: ``default``, or ``stage2`` for a fresh stage-2 set.
+
+    Returns:
+        Names (in ``model``) of the modules that received this adapter.
+
+    Raises:
+        ConfigError: a layer index out of range, or target modules that match nothing.
     """
-    import peft
-
     backbone = model.backbone
+    hf_model = backbone.hf_model
+    bad = [i for i in cfg.layers or [] if not 0 <= i < backbone.num_layers]
+    if bad:
+        raise ConfigError(f"model.lora.layers: {bad} outside 0..{backbone.num_layers - 1} ({backbone.family})")
+    if set_name in adapter_names(hf_model):
+        raise ConfigError(f"a LoRA set named {set_name!r} is already in the model")
     config = peft_config(cfg, backbone)
-    if isinstance(backbone.model, peft.PeftModel):
-        backbone.model.add_adapter(adapter_name, config)
-        names = list(backbone.model.peft_config)
-        backbone.model.base_model.set_adapter(names)
-    else:
-        backbone.model = peft.get_peft_model(backbone.model, config, adapter_name=adapter_name)
-    targeted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in backbone.model.named_parameters()
-                       if f"lora_A.{adapter_name}." in n})
-    if not targeted:
-        raise ValueError(f"lora: no module of the backbone matches target_modules "
-                         f"{config.target_modules} (layers {cfg.layers})")
-    for n, p in backbone.model.named_parameters():
-        if PREFIX in n:
-            p.requires_grad_(True)
-    return targeted
+    with warnings.catch_warnings():
+        # A second adapter is intended (stage 2); peft warns about it.
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+        try:
+            peft.inject_adapter_in_model(config, hf_model, adapter_name=set_name)
+        except ValueError as e:
+            if "not found in the base model" not in str(e) and "Target modules" not in str(e):
+                raise
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in hf_model.named_modules() if type(m).__name__ == "Linear"})
+            raise ConfigError(
+                f"model.lora.target_modules {config.target_modules} (layers {cfg.layers}) match no module of the "
+                f"{backbone.family} backbone; its linear modules are named {', '.join(linear)}"
+            ) from e
+    # peft activates only the newest adapter; every set contributes to the forward pass.
+    set_adapter(hf_model, adapter_names(hf_model))
+    prefix = model.module_name(hf_model)
+    return [
+        f"{prefix}.{name}"
+        for name, module in hf_model.named_modules()
+        if isinstance(module, LoraLayer) and set_name in module.lora_A
+    ]

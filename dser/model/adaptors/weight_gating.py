@@ -1,10 +1,15 @@
-"""Weight-gating: each transformer layer's output is gated per channel, h ← h ⊙ 2·sigmoid(g).
+"""Weight-gating: a learned per-channel gate on each transformer layer's output.
 
-``g`` starts at zero, so the gate starts as the identity. ``variant: paper`` reproduces the
-paper's code instead, h ← h ⊙ sigmoid(g) with g = 1 at start (a gate of ~0.73, *not* the
-identity: the model does not start as the backbone). Implemented as forward hooks on
-``backbone.layers[i]``; the backbone collects hidden states after the hooks, so a gate changes
-both the next layer's input and the state the head sees. Prefix ``wgate_``.
+Default (``variant: identity``): h ← h ⊙ 2·sigmoid(g) with g = 0 at start, so every gate is
+exactly 1 and the model starts as the bare backbone. ``variant: paper`` reproduces the paper's
+code instead: h ← h ⊙ sigmoid(g) with g = 1 at start, a gate of sigmoid(1) ≈ 0.73 on every
+channel of every layer, so that model does NOT start as the backbone (each layer's output is
+shrunk before the next layer and the head see it).
+
+Implemented as forward hooks on ``backbone.layers[i]`` rewriting the layer's output (a tensor,
+or a tuple led by it, e.g. WavLM's ``(hidden, position_bias)``). The backbone collects hidden
+states from the hooked outputs, so a gate changes both the next layer's input and the state the
+head (or the weighted sum) sees. Parameters: ``wgate_gates.<layer>.g`` (size H).
 """
 
 from __future__ import annotations
@@ -15,19 +20,28 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dser.config import knob
+from dser.config import ConfigError, knob
 
-PREFIX = "wgate_"
+PATTERN = r"^wgate_"
 
 
 @dataclass
 class WeightGatingConfig:
+    """Weight-gating settings (``model.weight_gating``)."""
+
     variant: Literal["identity", "paper"] = knob(
-        "identity", "identity: h*2*sigmoid(g), g=0 at start; paper: h*sigmoid(g), g=1 at start")
-    layers: list[int] | None = knob(None, "transformer layer indices to gate (null: all)")
+        "identity",
+        "identity: h * 2*sigmoid(g), g = 0 at start (starts as the backbone); "
+        "paper: h * sigmoid(g), g = 1 at start (the paper's code; gates start at 0.73)",
+    )
+    layers: list[int] | None = knob(None, "transformer layer indices to gate (0-based); null = all layers")
+
+    def __post_init__(self):
+        if self.variant not in ("identity", "paper"):
+            raise ValueError(f"weight_gating.variant must be 'identity' or 'paper', got {self.variant!r}")
 
 
-class Gate(nn.Module):
+class WeightGate(nn.Module):
     """A per-channel gate over (B, F, H) hidden states."""
 
     def __init__(self, hidden: int, variant: str):
@@ -36,26 +50,42 @@ class Gate(nn.Module):
         self.g = nn.Parameter(torch.zeros(hidden) if variant == "identity" else torch.ones(hidden))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (B, F, H); 2 * sigmoid(0) is exactly 1.0 in floating point, so the identity is exact.
         gate = torch.sigmoid(self.g)
         if self.variant == "identity":
-            gate = 2 * gate
+            gate = 2.0 * gate
         return h * gate.to(h.dtype)
 
 
-def _hook(gate: Gate):
+def _gate_hook(gate: WeightGate):
     def hook(_module, _inputs, output):
-        if isinstance(output, tuple):  # WavLM layers return (hidden, position_bias)
+        if isinstance(output, tuple):
             return (gate(output[0]),) + tuple(output[1:])
         return gate(output)
+
     return hook
 
 
-def apply(model, cfg: WeightGatingConfig) -> list[str]:
+def apply(model, cfg: WeightGatingConfig, set_name: str = "default") -> list[str]:
+    """Gate each selected layer's output (``model.wgate_gates``).
+
+    Returns:
+        Names (in ``model``) of the gated layers.
+
+    Raises:
+        ConfigError: a layer index out of range.
+    """
     backbone = model.backbone
-    layers = cfg.layers if cfg.layers is not None else range(backbone.num_layers)
+    bad = [i for i in cfg.layers or [] if not 0 <= i < backbone.num_layers]
+    if bad:
+        raise ConfigError(f"model.weight_gating.layers: {bad} outside 0..{backbone.num_layers - 1} ({backbone.family})")
+    layers = sorted(set(cfg.layers)) if cfg.layers is not None else range(backbone.num_layers)
     model.wgate_gates = nn.ModuleDict()
+    targeted = []
     for i in layers:
-        gate = Gate(backbone.hidden_size, cfg.variant)
+        gate = WeightGate(backbone.hidden_size, cfg.variant)
         model.wgate_gates[str(i)] = gate
-        model.hook_handles.append(backbone.layers[i].register_forward_hook(_hook(gate)))
-    return [f"layers.{i}" for i in layers]
+        layer = backbone.layers[i]
+        model.hook_handles.append(layer.register_forward_hook(_gate_hook(gate)))
+        targeted.append(model.module_name(layer))
+    return targeted

@@ -1,5 +1,10 @@
-"""Weighted sum of layers (SUPERB-style): the head sees Σ softmax(w)_l · h_l over all hidden
-states instead of the last layer. ``w`` starts at zero (uniform weights). Prefix ``wsum_``.
+"""Weighted layer sum (SUPERB / s3prl style): the head sees Σ_l softmax(w)_l · h_l over every hidden state.
+
+Without it the head sees the last layer only. ``w`` (``wsum_layers.weights``, one per hidden
+state: the front-end output and each transformer layer) starts at zero, i.e. uniform weights.
+s3prl does not normalise the hidden states first; ``layer_norm: true`` applies a parameter-free
+layer norm to each one before the sum (useful when layer scales differ a lot, e.g. pre-LN
+encoders whose intermediate states are not normalised).
 """
 
 from __future__ import annotations
@@ -7,34 +12,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dser.config import knob
 
-PREFIX = "wsum_"
+PATTERN = r"^wsum_"
 
 
 @dataclass
 class WeightedSumConfig:
-    layer_norm: bool = knob(False, "layer-normalise each hidden state before summing (off, as s3prl)")
+    """Weighted layer sum settings (``model.weighted_sum``)."""
+
+    layer_norm: bool = knob(False, "layer-normalise each hidden state before the sum (s3prl does not)")
 
 
-class LayerWeights(nn.Module):
-    """Learned softmax weights over ``n`` hidden states (a module so ZeRO-3 gathers it on call)."""
+class WeightedLayerSum(nn.Module):
+    """Softmax-weighted sum of hidden states; a module so ZeRO-3 gathers its weights when called."""
 
-    def __init__(self, n: int, layer_norm: bool):
+    def __init__(self, num_states: int, layer_norm: bool = False):
         super().__init__()
-        self.weights = nn.Parameter(torch.zeros(n))
+        self.weights = nn.Parameter(torch.zeros(num_states))
         self.layer_norm = layer_norm
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Args: ``num_states`` tensors (B, F, H). Returns: (B, F, H)."""
         stacked = torch.stack(hidden_states)  # (L+1, B, F, H)
         if self.layer_norm:
-            stacked = nn.functional.layer_norm(stacked, stacked.shape[-1:])
-        w = torch.softmax(self.weights.float(), 0).to(stacked.dtype)  # (L+1,)
-        return torch.einsum("l,lbfh->bfh", w, stacked)
+            stacked = F.layer_norm(stacked, stacked.shape[-1:])
+        weights = torch.softmax(self.weights.float(), dim=0).to(stacked.dtype)  # (L+1,)
+        return torch.einsum("l,lbfh->bfh", weights, stacked)
 
 
-def apply(model, cfg: WeightedSumConfig) -> list[str]:
-    model.wsum_layers = LayerWeights(model.backbone.num_layers + 1, cfg.layer_norm)
-    return [f"hidden_states[0..{model.backbone.num_layers}]"]
+def apply(model, cfg: WeightedSumConfig, set_name: str = "default") -> list[str]:
+    """Make the head read the weighted sum of all hidden states (``model.wsum_layers``).
+
+    Returns:
+        A one-line description of what is summed.
+    """
+    states = model.backbone.num_layers + 1
+    model.wsum_layers = WeightedLayerSum(states, cfg.layer_norm)
+    return [f"backbone hidden states 0..{states - 1} (front end + {states - 1} layers)"]
