@@ -227,7 +227,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
         if stage == 2:
             init_from = args.init_from or (Path(cfg.stage2.init_from) if cfg.stage2.init_from else None)
             init_from = init_from or latest_run(Path(cfg.runs_dir), stage=1)
-            cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(init_from)))
+            cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(Path(init_from).resolve())))
         stamp = broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"
     ckpt_dir, tb_dir, export_dir = run_dir / "checkpoints", run_dir / "tensorboard", run_dir / "export"

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 SHORT = ["--set", "optim.max_steps=12", "--set", "optim.warmup_steps=2", "--set", "train.eval_every=6",
          "--set", "train.save_every=6", "--set", "train.log_every=3", "--set", "train.progress=false",
-         "--set", "data.max_batch_seconds=24", "--set", "data.shuffle_buffer=50"]
+         "--set", "data.max_batch_seconds=40", "--set", "data.shuffle_buffer=50"]
 
 
 @pytest.fixture(scope="module")
