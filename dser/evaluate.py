@@ -42,6 +42,7 @@ def _dummy_batch(sample_rate: int = 16000) -> dict:
 def evaluate_shards(forward: Callable[[torch.Tensor, torch.Tensor], dict], shards: list[str],
                     label_set: LabelSet | None, task: str, *, max_seconds: float = 30.0,
                     max_batch_seconds: float = 64.0, num_workers: int = 1, device: str = "cpu",
+                    styles: list[str] | None = None,
                     dtype: torch.dtype = torch.float32, return_predictions: bool = False) -> dict:
     """Evaluate a model over shard groups (call on every rank).
 
@@ -56,12 +57,13 @@ def evaluate_shards(forward: Callable[[torch.Tensor, torch.Tensor], dict], shard
         device: where the model runs.
         dtype: the model's floating dtype (audio is cast to it).
         return_predictions: also return the gathered per-clip predictions.
+        styles: keep only clips of these styles (None: all).
 
     Returns:
         The metrics dict of ``dser.metrics.compute_metrics`` (plus ``predictions`` on request).
     """
     require = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}[task]
-    cfg = LoaderConfig(shards=list(shards), label_set=label_set, require=require, train=False,
+    cfg = LoaderConfig(shards=list(shards), label_set=label_set, require=require, train=False, styles=styles,
                        max_seconds=max_seconds, max_batch_seconds=max_batch_seconds,
                        num_workers=num_workers)
     loader = iter(make_loader(cfg))

@@ -43,6 +43,7 @@ class DataConfig:
     train: list[str] = knob([], "training shard groups: directories, .tar files or globs")
     valid: list[str] = knob([], "validation shard groups (best checkpoint, early stopping)")
     test: dict[str, list[str]] = knob({}, "named test sets evaluated after training, e.g. {acted: [...], natural: [...]}")
+    test_styles: dict[str, list[str]] = knob({}, "style filter per test set, e.g. {scripted: [acted]} to split one session by style")
     label_set: str | list[str] | None = knob("4class", "emotion classes: a name (4class, 6class, 8class) or a list")
     styles: list[str] | None = knob(None, "keep only these styles (acted, natural); null keeps all")
     max_seconds: float = knob(6.0, "training clips are randomly cropped to at most this many seconds")
@@ -132,6 +133,10 @@ def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunCo
     cfg = from_dict(RunConfig, data, where="config")
     if cfg.task != "dimensional" and cfg.data.label_set is None:
         raise ConfigError("config.data.label_set: a categorical task needs a label set (e.g. 4class)")
+    for name in cfg.data.test_styles:
+        if name not in cfg.data.test:
+            raise ConfigError(f"config.data.test_styles.{name}: no test set of that name; data.test has "
+                              f"{', '.join(cfg.data.test) or 'none'}")
     for role in ("source", "target"):
         name = getattr(cfg, role)
         if name is not None and name not in cfg.data.test:

@@ -345,11 +345,11 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     def forward(audio, mask):
         return engine(audio.to(device, dtype), mask.to(device))
 
-    def evaluate(sets: dict[str, list[str]]) -> dict[str, dict]:
+    def evaluate(sets: dict[str, list[str]], styles: dict[str, list[str] | None]) -> dict[str, dict]:
         engine.eval()
         results = {}
         for name, shards in sets.items():
-            results[name] = evaluate_shards(forward, shards, label_set, cfg.task,
+            results[name] = evaluate_shards(forward, shards, label_set, cfg.task, styles=styles.get(name),
                                             max_seconds=cfg.data.eval_max_seconds,
                                             max_batch_seconds=cfg.data.max_batch_seconds,
                                             num_workers=cfg.data.num_workers, device=str(device), dtype=dtype)
@@ -427,7 +427,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
             t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
 
         if step % cfg.train.eval_every == 0 or step == cfg.optim.max_steps:
-            m = evaluate({"valid": cfg.data.valid})["valid"]
+            m = evaluate({"valid": cfg.data.valid}, {"valid": cfg.data.styles})["valid"]
             history.append({"step": step, **{k: v for k, v in m.items() if k != "confusion"}})
             if writer is not None:
                 _log_metrics(writer, "valid", m, step)
@@ -457,7 +457,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     _gathered_call(deepspeed, model, zero3, rank,
                    lambda: load_adaptors(model, run_dir / "best" / "adaptors.safetensors"), modify=True)
     test_sets = dict(cfg.data.test) or {"valid": cfg.data.valid}
-    results = evaluate(test_sets)
+    results = evaluate(test_sets, {"valid": cfg.data.styles, **cfg.data.test_styles})
     for name, m in results.items():
         rank0_print(format_metrics(name, m))
         if writer is not None:
