@@ -39,10 +39,15 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     # top-level packages (dser/config.py vs anything named `config`).
     sys.path.pop(0)
 
+import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+
+# DeepSpeed 0.19 calls a torch.distributed function torch 2.13 deprecates, once per step.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from dser.config import ConfigError, from_dict, to_dict
 from dser.data import LoaderConfig, make_loader
