@@ -209,5 +209,96 @@ def params(backbone_config, adaptors, num_classes, task):
     click.echo(format_parameter_table(rows))
 
 
+@main.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Where to write report.md/.csv and the heatmap "
+              "(default: RUNS_DIR).")
+def report(runs_dir, out):
+    """Table every source -> target pair of the runs under RUNS_DIR (Markdown, CSV, heatmap)."""
+    from dser.report import ReportError, write_report
+
+    try:
+        rep = write_report(runs_dir, out)
+    except ReportError as e:
+        raise UserError(str(e)) from e
+    click.echo(rep.text())
+
+
+@main.command()
+@click.option("--stage1", "stage1_config", type=click.Path(path_type=Path), help="Stage-1 run config.")
+@click.option("--stage2", "stage2_config", type=click.Path(path_type=Path), help="Stage-2 run config.")
+@click.option("--grid", type=click.Path(path_type=Path), help="Grid file (slurm/grid.sh format): a whole "
+              "source x target grid instead of one pair.")
+@click.option("--nodes", default=1, show_default=True, help="Nodes per training job.")
+@click.option("--gpus-per-node", default=1, show_default=True, help="GPUs per node; 0 trains on CPUs.")
+@click.option("--ntasks-per-node", type=int, help="Ranks per node (default: one per GPU, or 1 on CPUs).")
+@click.option("--cpus-per-task", type=int, help="CPUs per rank (data workers, OpenMP threads).")
+@click.option("--time", "time_limit", help="Time limit per job, e.g. 12:00:00.")
+@click.option("--partition", help="Slurm partition.")
+@click.option("--account", help="Slurm account.")
+@click.option("--sbatch-option", "extra", multiple=True, metavar="OPTION",
+              help="Further sbatch option, verbatim (repeatable), e.g. --sbatch-option=--qos=high.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of both configs.")
+@click.option("--runs-dir", type=click.Path(path_type=Path), help="Where run directories go.")
+@click.option("--name", help="Run group: runs go to RUNS_DIR/NAME/stage1, …/stage2.")
+@click.option("--dry-run", is_flag=True, help="Print the sbatch commands (a shell script) instead of submitting.")
+@click.option("--wait", is_flag=True, help="Wait for every job to end; exit non-zero unless all completed.")
+@click.option("--poll", default=30.0, show_default=True, help="Seconds between job-state checks with --wait.")
+def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_node, cpus_per_task, time_limit,
+           partition, account, extra, overrides, runs_dir, name, dry_run, wait, poll):
+    """Submit stage 1 and the dependent stage 2 (or a whole grid) to Slurm with sbatch."""
+    from dser.config import ConfigError
+    from dser.submit import (GridError, Resources, SubmitError, format_dry_run, format_submitted, load_grid,
+                             plan_jobs, runs_root, submit_jobs, wait_for_jobs)
+
+    try:
+        resources = Resources(nodes=nodes, gpus_per_node=gpus_per_node, ntasks_per_node=ntasks_per_node,
+                              cpus_per_task=cpus_per_task, time=time_limit, partition=partition,
+                              account=account, extra=list(extra))
+        jobs = plan_jobs(stage1_config, stage2_config, grid=load_grid(grid) if grid else None,
+                         resources=resources, overrides=list(overrides), runs_dir=runs_dir, name=name)
+        if dry_run:
+            click.echo(format_dry_run(jobs))
+            return
+        ids = submit_jobs(jobs)
+    except (GridError, SubmitError, ConfigError, ValueError) as e:
+        raise UserError(str(e)) from e
+    click.echo(format_submitted(jobs, ids))
+    click.echo(f"afterwards: dser report {runs_root(jobs)}")
+    if not wait:
+        return
+    sys.stdout.flush()
+    states = wait_for_jobs(ids, poll=poll, echo=lambda m: click.echo(m))
+    failed = 0
+    for job in jobs:
+        final = states[job.key]
+        ok = bool(final) and all(s == "COMPLETED" for s in final)
+        failed += not ok
+        click.echo(f"{ids[job.key]}  {job.what}: {','.join(final) or 'gone'}")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes: a few minutes on a 2-core machine.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option("--only", "sections", multiple=True, help="Run only this section (repeatable): sharding, loading, "
+              "padding, peft, pipeline.")
+@click.option("--backbone", help="Backbone of the training sections (default: random:wavlm-base-plus).")
+@click.option("--ranks", default=2, show_default=True, help="Ranks of the dser training runs.")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Keep corpora, shards, runs and logs here.")
+def bench(quick, out, sections, backbone, ranks, workdir):
+    """Measure sharding, loading, padding, PEFT vs full and dser vs the usual pipeline, side by side."""
+    from dser.bench import SECTIONS, BenchError, format_table, run_bench
+
+    try:
+        results = run_bench(out, quick=quick, sections=list(sections) or SECTIONS, backbone=backbone, ranks=ranks,
+                            workdir=workdir, keep=workdir is not None, log=lambda m: click.echo(m, err=True))
+    except BenchError as e:
+        raise UserError(str(e)) from e
+    click.echo(format_table(results))
+    if out:
+        click.echo(f"results: {out}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -78,6 +78,7 @@ import logging
 import math
 import os
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -96,6 +97,7 @@ from dser.labels import ATTRIBUTES, STYLES, LabelSet, get_label_set
 
 log = logging.getLogger(__name__)
 
+LABEL_KEYS = ("emotion", "valence", "arousal", "dominance")  # in every shard JSON, null when unlabelled
 IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
 
 # A clip whose FLAC holds more or less audio than its JSON ``duration`` by over this much is
@@ -304,15 +306,23 @@ class _PlannedBatch:
     bad: list[str]
 
 
-def cut_batches(lengths: Sequence[int], max_batch_samples: int) -> list[list[int]]:
+MIN_REAL_FRACTION = 0.9  # least share of real (non-padded) audio in a batch with more than one clip
+
+
+def cut_batches(lengths: Sequence[int], max_batch_samples: int,
+                min_real_fraction: float = MIN_REAL_FRACTION) -> list[list[int]]:
     """Sort clips by length and cut the sorted run greedily into batches under a padded cap.
 
-    Each batch takes the next-longest clips while ``len(batch) × longest ≤ max_batch_samples``;
-    a clip longer than the cap makes a batch of its own.
+    Each batch takes the next-longest clips while ``len(batch) × longest ≤ max_batch_samples``
+    and real audio stays at least ``min_real_fraction`` of the padded batch; a clip longer
+    than the cap makes a batch of its own. The second rule matters where lengths are sparse
+    (the short end of a buffer): without it a 0.6 s and a 1.7 s clip would share a batch
+    padded to 1.7 s.
 
     Args:
         lengths: clip lengths (any unit, e.g. samples).
         max_batch_samples: cap on ``batch size × longest clip`` (same unit).
+        min_real_fraction: least ``sum(lengths) / (batch size × longest)`` of every batch.
 
     Returns:
         Batches as lists of indices into ``lengths``, shortest clips first.
@@ -320,12 +330,15 @@ def cut_batches(lengths: Sequence[int], max_batch_samples: int) -> list[list[int
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     cur: list[int] = []
+    real = 0
     for i in order:
         # Sorted ascending, so clip i is the batch's new longest.
-        if cur and (len(cur) + 1) * lengths[i] > max_batch_samples:
+        padded = (len(cur) + 1) * lengths[i]
+        if cur and (padded > max_batch_samples or real + lengths[i] < min_real_fraction * padded):
             batches.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(i)
+        real += lengths[i]
     if cur:
         batches.append(cur)
     return batches
@@ -336,16 +349,18 @@ def bucket_by_length(items: Iterable[T], length: Callable[[T], int], max_batch_s
                      rng: random.Random | None = None) -> Iterator[list[T]]:
     """Group a stream into batches of similar length, each under a padded-size cap.
 
-    Items collect in a buffer until it holds ``buffer_size`` items and ``min_buffer_length``
-    total length; the buffer is then cut with ``cut_batches``. Its last (longest, usually
-    part-filled) batch is carried into the next buffer rather than emitted underfull; the
-    end of the stream flushes everything, so every item comes out exactly once.
+    Items collect in a buffer until ``buffer_size`` new items and ``min_buffer_length`` total
+    length have arrived; the buffer is then cut with ``cut_batches``. Batches holding less
+    than half the cap in real audio (the longest, usually part-filled one, and short clips
+    that found no neighbours of similar length) are carried into the next buffer rather than
+    emitted underfull; the end of the stream flushes everything, so every item comes out
+    exactly once.
 
     Args:
         items: the stream.
         length: an item's length (samples).
         max_batch_samples: cap on ``batch size × longest item``.
-        buffer_size: items sorted together.
+        buffer_size: new items sorted together with the carried ones.
         min_buffer_length: least total length in the buffer before cutting.
         rng: shuffles the batch order of each cut (training); None keeps shortest first.
 
@@ -353,14 +368,20 @@ def bucket_by_length(items: Iterable[T], length: Callable[[T], int], max_batch_s
         Lists of items.
     """
     buf: list[T] = []
-    total = 0
+    total, new = 0, 0
     for item in items:
         buf.append(item)
         total += length(item)
-        if len(buf) >= buffer_size and total >= min_buffer_length:
-            batches = [[buf[i] for i in b] for b in cut_batches([length(x) for x in buf], max_batch_samples)]
-            buf = batches.pop()
-            total = sum(length(x) for x in buf)
+        new += 1
+        if new >= buffer_size and total >= min_buffer_length:
+            lengths = [length(x) for x in buf]
+            batches, carried = [], []
+            cut = cut_batches(lengths, max_batch_samples)
+            for k, b in enumerate(cut):
+                full = sum(lengths[i] for i in b) >= max_batch_samples / 2
+                (batches if full and k < len(cut) - 1 else carried).append([buf[i] for i in b])
+            buf = [x for b in carried for x in b]
+            total, new = sum(length(x) for x in buf), 0
             if rng is not None:
                 rng.shuffle(batches)
             yield from batches
@@ -393,6 +414,17 @@ class _Planner:
         self.max_samples = None if cfg.max_seconds is None else int(round(cfg.max_seconds * cfg.sample_rate))
         self.styles = set(cfg.styles) if cfg.styles else None
         self.bad: list[str] = []
+        self._damaged: set[str] = set()
+
+    def shard_damaged(self, exn: Exception) -> bool:
+        """webdataset handler for training: note a truncated or unreadable shard (once) and go
+        on with the samples read before the damage and the next shard."""
+        where, what = _shard_problem(exn)
+        if where not in self._damaged:
+            self._damaged.add(where)
+            self.bad.append(f"{where}: damaged shard, samples after the damage are lost ({what}); "
+                            f"run dser verify")
+        return True
 
     def parse(self, samples: Iterable[dict]) -> Iterator[_Clip]:
         cfg = self.cfg
@@ -408,6 +440,9 @@ class _Planner:
                 duration = float(meta["duration"])
                 if not (math.isfinite(duration) and duration > 0):
                     raise ValueError(f"duration {duration}")
+                missing = [k for k in LABEL_KEYS if k not in meta]
+                if missing:  # the shard contract has every label key (null when unlabelled)
+                    raise KeyError(f"no {', '.join(missing)}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 self.bad.append(f"{key}: unreadable {key}.json in {url} ({type(e).__name__}: {e})")
                 continue
@@ -491,12 +526,21 @@ def collate(samples: Sequence[dict], sample_rate: int = 16000) -> dict:
 # the dataset and the loader
 # ----------------------------------------------------------------------------------------
 
-def _shard_error(exn: Exception) -> bool:
-    """webdataset handler: a shard that cannot be read stops the run with its name."""
+def _shard_problem(exn: Exception) -> tuple[str, str]:
+    """(shard path, what went wrong) of a webdataset read error."""
     url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
-    where = url or (str(exn.args[0]) if exn.args else "a shard")
-    raise DataError(f"{where}: unreadable shard ({type(exn).__name__}: {exn.args[0] if exn.args else exn}); "
-                    f"re-create it with `dser shard`") from exn
+    # webdataset reports some errors only as "… @ <_io.BufferedReader name='….tar'>"
+    named = re.search(r"name='([^']+\.tar)'", str(exn))
+    where = url or (named.group(1) if named else str(exn.args[0]) if exn.args else "a shard")
+    what = str(exn.args[0] if exn.args else exn).split(" @ <")[0]
+    return where, f"{type(exn).__name__}: {what}"
+
+
+def _shard_error(exn: Exception) -> bool:
+    """webdataset handler for evaluation: a shard that cannot be read stops with its name
+    (a test set read in part would give wrong metrics)."""
+    where, what = _shard_problem(exn)
+    raise DataError(f"{where}: unreadable shard ({what}); re-create it with `dser shard`") from exn
 
 
 class ShardStream(IterableDataset):
@@ -521,10 +565,11 @@ class ShardStream(IterableDataset):
         if self.rank >= len(urls):
             return
         # Node splitting only: workers split the plan's batches below, not the shards.
-        source = wds.WebDataset(urls, shardshuffle=False, handler=_shard_error,
+        planner = _Planner(cfg)
+        source = wds.WebDataset(urls, shardshuffle=False,
+                                handler=planner.shard_damaged if cfg.train else _shard_error,
                                 nodesplitter=partial(_take_every, start=self.rank, step=self.world_size),
                                 workersplitter=None, empty_check=False)
-        planner = _Planner(cfg)
         clips: Iterable[_Clip] = planner.parse(source)
         rng = random.Random(_seed(cfg.seed, self.epoch, self.rank)) if cfg.train else None
         if rng is not None and cfg.shuffle_buffer > 1:
@@ -600,7 +645,11 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     workers = cfg.num_workers
     # The DataLoader's default in-order delivery (round robin over the workers, skipping those
     # that ran dry) is what puts worker p's batches skip + p, skip + p + K, … back in plan order.
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
+    # Its own generator: starting an iterator draws the workers' base seed, and drawing it from
+    # torch's global generator would shift the model's dropout stream by where an epoch
+    # starts, so a resumed run would diverge from an uninterrupted one.
+    generator = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, skip_batches))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator,
                       prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
 

@@ -78,7 +78,8 @@ class TrainConfig:
     keep_last: int = knob(2, "checkpoints kept; older ones are pruned after a new one is complete")
     early_stopping: int = knob(0, "stop after this many evaluations without improvement (0 = never)")
     max_bad_samples: int = knob(100, "stop with an error once more corrupt samples than this were skipped")
-    max_nonfinite_steps: int = knob(5, "stop once this many consecutive steps had a non-finite loss")
+    max_nonfinite_steps: int = knob(5, "stop once more than this many consecutive steps had a non-finite "
+                                    "loss or gradient (each such step is skipped)")
     progress: bool = knob(True, "progress bar on rank 0")
     stop_after_steps: int = knob(0, "checkpoint and exit after this many steps of one launch, to be resumed "
                                     "with --resume (time-boxed jobs); 0 = run to max_steps")
@@ -171,7 +172,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, cpu: bool) -> dict:
     if precision == "fp16" and cpu:
         raise ConfigError("config.deepspeed: fp16 needs a GPU; on CPU use precision bf16 or fp32 "
                           "(--set deepspeed.precision=bf16)")
-    ds["bf16"] = {"enabled": precision == "bf16"}
+    # check_grad_overflow: a step whose gradients hold inf/NaN is skipped (and counted by the
+    # recipe through engine.skipped_steps) rather than applied.
+    ds["bf16"] = {"enabled": precision == "bf16", "check_grad_overflow": True}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     if cpu:
         # Offloading to the CPU is meaningless when training on it.

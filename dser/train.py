@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -50,7 +51,7 @@ import yaml
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from dser.config import ConfigError, from_dict, to_dict
-from dser.data import LoaderConfig, make_loader
+from dser.data import DataError, LoaderConfig, make_loader, resolve_shards
 from dser.evaluate import evaluate_shards, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.build import build_model
@@ -128,12 +129,17 @@ def lr_lambda(cfg: RunConfig):
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so ``torch.load(weights_only=True)`` reads it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
 
 
 def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(s["torch"])
 
 
@@ -146,9 +152,9 @@ class TrainStream:
     """
 
     def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None, share: float, seed: int,
-                 max_bad_samples: int, state: dict | None = None):
+                 state: dict | None = None):
         self.cfgs = {"main": main, "rehearsal": rehearsal}
-        self.share, self.seed, self.max_bad = share, seed, max_bad_samples
+        self.share, self.seed = share, seed
         self.pos = (state or {}).get("pos", {"main": [0, 0], "rehearsal": [0, 0]})
         self.drawn = (state or {}).get("drawn", 0)
         self.bad_samples: list[str] = list((state or {}).get("bad_samples", []))
@@ -163,10 +169,6 @@ class TrainStream:
             if batch is not None:
                 self.pos[which][1] += 1
                 self.bad_samples.extend(batch["bad_samples"])
-                if len(self.bad_samples) > self.max_bad:
-                    raise RecipeError(f"{len(self.bad_samples)} corrupt training samples skipped, more than "
-                                      f"train.max_bad_samples={self.max_bad}; latest: {self.bad_samples[-1]}. "
-                                      f"Run dser verify on the shards")
                 if not batch["utt_id"]:  # every clip of this batch was corrupt
                     continue
                 return batch
@@ -196,43 +198,121 @@ class TrainStream:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env_rank = int(os.environ.get("RANK", 0))
+
+    # ---- config, checked before any process group or compute ---------------------------
+    try:
+        stage, cfg = read_run_config(args)
+        check_inputs(cfg, stage)
+    except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+        if env_rank == 0:
+            print(f"dser train: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     # ---- process group -----------------------------------------------------------------
     import deepspeed  # only the recipes import DeepSpeed
 
     cpu = not torch.cuda.is_available()
-    deepspeed.init_distributed(timeout=dt.timedelta(minutes=10))
+    # The collective timeout bounds how long the others wait for a rank that hangs; a rank
+    # that dies closes its connections, and the next collective fails at once (below).
+    deepspeed.init_distributed(timeout=dt.timedelta(minutes=cfg.deepspeed.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
     if not cpu:
         torch.cuda.set_device(device)
+    peers = [None] * world
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
 
     try:
-        return _run(args, deepspeed, rank, world, device, cpu)
+        return _run(args, stage, cfg, deepspeed, rank, world, device, cpu)
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (dist.DistError, RuntimeError) as e:
+        dead = dead_peers(peers)
+        if not dead and not isinstance(e, dist.DistError):
+            raise
+        who = ", ".join(f"rank {r} (pid {pid} on {host})" for r, host, pid in dead) or \
+            "another rank (on another host, or hung)"
+        print(f"dser train: error: rank {rank}: a collective failed ({str(e).splitlines()[0][:200]}); "
+              f"{who} is gone. Resume with --resume once it is fixed", file=sys.stderr, flush=True)
+        # The process group is broken: exit now rather than hang in its teardown.
+        os._exit(3)
 
 
-def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool) -> int:
-    # ---- config and run directory -------------------------------------------------------
+def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig]:
+    """The stage and resolved run config: from --resume's run directory, or --config/--set."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         meta = yaml.safe_load((run_dir / "config.yaml").read_text())
-        stage = meta["stage"]
-        cfg = from_dict(RunConfig, meta["config"], where="config")
+        return meta["stage"], from_dict(RunConfig, meta["config"], where="config")
+    cfg = resolve_config(args.config, args.overrides, args.stage)
+    if args.stage == 2:
+        init_from = args.init_from or (Path(cfg.stage2.init_from) if cfg.stage2.init_from else None)
+        init_from = init_from or latest_run(Path(cfg.runs_dir), stage=1)
+        cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(Path(init_from).resolve())))
+    return args.stage, cfg
+
+
+def check_inputs(cfg: RunConfig, stage: int) -> None:
+    """Every shard group, the stage-1 run and its label set, before anything is computed.
+
+    Raises:
+        RecipeError: naming the config key and what to do.
+    """
+    groups = {"data.train": cfg.data.train, "data.valid": cfg.data.valid,
+              **{f"data.test.{k}": v for k, v in cfg.data.test.items()}}
+    if cfg.data.rehearsal.shards:
+        groups["data.rehearsal.shards"] = cfg.data.rehearsal.shards
+    for key in ("data.train", "data.valid"):
+        if not groups[key]:
+            raise RecipeError(f"config.{key} is empty: name the shard groups to {key.split('.')[1]} on")
+    for key, specs in groups.items():
+        try:
+            resolve_shards(specs)
+        except DataError as e:
+            raise RecipeError(f"config.{key}: {e}") from None
+    if stage == 2:
+        init_export = Path(cfg.stage2.init_from) / "export"
+        if not (init_export / "export.json").is_file():
+            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: no export/ there; did its stage 1 finish?")
+        label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+        src = export_labels(init_export)
+        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
+            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
+                              f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
+                              f"(--set stage2.new_head=true) to train a new head")
+
+
+def dead_peers(peers: list[tuple[str, int]]) -> list[tuple[int, str, int]]:
+    """(rank, host, pid) of the ranks on this host whose process is gone."""
+    here = socket.gethostname()
+    dead = []
+    for r, (host, pid) in enumerate(peers):
+        if host == here and pid != os.getpid():
+            try:
+                # A killed rank stays a zombie until its launcher reaps it: state Z is gone too.
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                state = "gone"
+            except OSError:
+                continue
+            if state in ("gone", "Z", "X"):
+                dead.append((r, host, pid))
+    return dead
+
+
+def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, device: torch.device,
+         cpu: bool) -> int:
+    # ---- run directory -----------------------------------------------------------------
+    if args.resume:
+        run_dir = Path(args.resume)
     else:
-        stage = args.stage
-        cfg = resolve_config(args.config, args.overrides, stage)
-        if stage == 2:
-            init_from = args.init_from or (Path(cfg.stage2.init_from) if cfg.stage2.init_from else None)
-            init_from = init_from or latest_run(Path(cfg.runs_dir), stage=1)
-            cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(Path(init_from).resolve())))
         stamp = broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"
     ckpt_dir, tb_dir, export_dir = run_dir / "checkpoints", run_dir / "tensorboard", run_dir / "export"
@@ -252,9 +332,6 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     torch.manual_seed(cfg.seed)  # same new-part weights on every rank
     label_set: LabelSet | None = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
     num_classes = label_set.num_classes if label_set else None
-    for split in ("train", "valid"):
-        if not getattr(cfg.data, split):
-            raise RecipeError(f"config.data.{split} is empty: name the shard groups to {split} on")
 
     def loader_cfg(shards: list[str], train: bool) -> LoaderConfig:
         d = cfg.data
@@ -268,13 +345,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     model = build_model(cfg.model, num_classes=num_classes, task=cfg.task)
     init_meta = None
     if stage == 2:
-        init_export = Path(cfg.stage2.init_from) / "export"
-        if not (init_export / "export.json").is_file():
-            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: no export/ there; did its stage 1 finish?")
-        src = export_labels(init_export)
-        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
-            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
-                              f"{src and src['classes']}: set stage2.new_head: true")
+        init_export = Path(cfg.stage2.init_from) / "export"  # checked by check_inputs
         load_export_weights(model, init_export, skip_prefixes=("head.",) if cfg.stage2.new_head else ())
         model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
         model.freeze(cfg.stage2.freeze)
@@ -315,15 +386,20 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     # ---- resume ------------------------------------------------------------------------
     step, best, evals_since_best, stream_state = 0, None, 0, None
     history: list[dict] = []
+    # Steps skipped for a non-finite loss (every rank drops the batch) or gradient (DeepSpeed's
+    # overflow check drops the update), with the step each happened at.
+    skipped: list[dict] = []
+    bad_total = 0  # corrupt training samples skipped, summed over ranks
     if args.resume:
         latest = ckpt_dir / "latest"
         if latest.is_file():
             tag = latest.read_text().strip()
             engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-            state = torch.load(ckpt_dir / tag / f"dser_rank{rank}.pt", weights_only=False)
+            # weights_only: tensors and plain containers, never arbitrary pickled objects
+            state = torch.load(ckpt_dir / tag / f"dser_rank{rank}.pt", weights_only=True)
             step, best = state["step"], state["best"]
             evals_since_best, history = state["evals_since_best"], state["history"]
-            stream_state = state["stream"]
+            stream_state, skipped, bad_total = state["stream"], state["skipped"], state["bad_total"]
             set_rng_state(state["rng"])
             rank0_print(f"resumed from {ckpt_dir / tag} at step {step}")
         else:
@@ -333,7 +409,7 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
     if rehearsal_cfg is not None:
         rehearsal_cfg = replace(rehearsal_cfg, seed=cfg.seed + 1)
     stream = TrainStream(loader_cfg(cfg.data.train, train=True), rehearsal_cfg, cfg.data.rehearsal.share,
-                         cfg.seed, cfg.train.max_bad_samples, stream_state)
+                         cfg.seed, stream_state)
 
     # ---- logging -----------------------------------------------------------------------
     writer = None
@@ -369,6 +445,8 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
                        lambda: save_adaptors(model, run_dir / "best" / "adaptors.safetensors"))
 
     # Preemption (Slurm's USR1 warning, SIGTERM): finish the current step, checkpoint, exit.
+    # The flag travels with the finite-loss all-reduce, so a signal that reached only some
+    # ranks still stops them all at the same step.
     stop_signal = {"sig": None}
 
     def on_signal(signum, _frame):
@@ -378,40 +456,64 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
 
     def checkpoint():
         state = {"step": step, "best": best, "evals_since_best": evals_since_best, "history": history,
-                 "stream": stream.state(), "rng": rng_state()}
+                 "stream": stream.state(), "skipped": skipped, "bad_total": bad_total,
+                 "rng": rng_state()}
         _save_checkpoint(engine, ckpt_dir, f"step{step:08d}", state, rank, cfg.train.keep_last)
 
     # ---- train loop --------------------------------------------------------------------
     engine.train()
     start_step = step
     t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
-    nonfinite_run = 0
+    nonfinite_run, stop_now = 0, False
     while step < cfg.optim.max_steps:
+        step_skipped = None
         for _ in range(cfg.optim.grad_accum):
+            bad_before = len(stream.bad_samples)
             batch = stream.next()
             out = forward(batch["audio"], batch["attention_mask"])
             loss, parts = model.loss(out, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()},
                                      class_weights=class_weights)
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+            # One small all-reduce per batch, summed over ranks: ranks with a non-finite loss,
+            # ranks with a stop signal, corrupt samples newly skipped.
+            flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1),
+                               torch.tensor([float(stop_signal["sig"] is not None),
+                                             float(len(stream.bad_samples) - bad_before)], device=device)])
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+            nonfinite_loss, stop_now, new_bad = flags.tolist()
+            bad_total += int(new_bad)
+            if bad_total > cfg.train.max_bad_samples:
+                latest = stream.bad_samples[-1] if stream.bad_samples else "on another rank"
+                raise RecipeError(f"{bad_total} corrupt training samples skipped, more than "
+                                  f"train.max_bad_samples={cfg.train.max_bad_samples} (at step {step + 1}; "
+                                  f"latest: {latest}). Run dser verify on the shards")
+            if nonfinite_loss:
                 # Every rank must run backward (gradients are reduced collectively): drop this
                 # batch's contribution by backpropagating zero.
                 # Zero from the parameters themselves: a graph through NaN activations would
                 # still give NaN gradients (0 * NaN).
                 loss = sum(p.sum() for p in trainable) * 0.0
-                nonfinite_run += 1
-                if nonfinite_run > cfg.train.max_nonfinite_steps:
-                    raise RecipeError(f"non-finite loss for {nonfinite_run} batches in a row at step {step}; "
-                                      f"lower optim.lr or check the data")
+                step_skipped = "loss"
             else:
-                nonfinite_run = 0
                 loss_sum += loss.detach().float().cpu()
                 loss_n += 1
+            skipped_before = engine.skipped_steps
             engine.backward(loss)
             engine.step()
+            if engine.skipped_steps > skipped_before and step_skipped is None:
+                step_skipped = "gradient"  # DeepSpeed found inf/NaN gradients and dropped the update
             samples_log += len(batch["utt_id"])
             seconds_log += batch["duration_s"]
+        if step_skipped is not None:
+            skipped.append({"step": step + 1, "why": f"non-finite {step_skipped}"})
+            nonfinite_run += 1
+            rank0_print(f"step {step + 1}: non-finite {step_skipped}, step skipped "
+                        f"({nonfinite_run} in a row, {len(skipped)} in all)")
+            if nonfinite_run > cfg.train.max_nonfinite_steps:
+                raise RecipeError(f"non-finite {step_skipped} for {nonfinite_run} steps in a row at step {step + 1} "
+                                  f"(more than train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                                  f"lower optim.lr or check the data")
+        else:
+            nonfinite_run = 0
         step += 1
         if bar is not None:
             bar.update(1)
@@ -427,6 +529,8 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
                     writer.add_scalar("train/grad_norm", float(gnorm), step)
                 writer.add_scalar("train/samples_per_s", samples_log * world / elapsed, step)
                 writer.add_scalar("train/audio_seconds_per_s", seconds_log * world / elapsed, step)
+                writer.add_scalar("train/bad_samples", bad_total, step)
+                writer.add_scalar("train/skipped_steps", len(skipped), step)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
@@ -448,11 +552,12 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
 
         time_boxed = cfg.train.stop_after_steps and step - start_step >= cfg.train.stop_after_steps \
             and step < cfg.optim.max_steps
-        if step % cfg.train.save_every == 0 or stop_signal["sig"] is not None or time_boxed:
+        if step % cfg.train.save_every == 0 or stop_now or time_boxed:
             checkpoint()
-            if stop_signal["sig"] is not None or time_boxed:
-                why = f"signal {stop_signal['sig']}" if stop_signal["sig"] is not None else \
-                    f"train.stop_after_steps={cfg.train.stop_after_steps}"
+            if stop_now or time_boxed:
+                sig = stop_signal["sig"]
+                why = (f"signal {signal.Signals(sig).name}" if sig is not None else "a signal on another rank") \
+                    if stop_now else f"train.stop_after_steps={cfg.train.stop_after_steps}"
                 rank0_print(f"{why}: checkpoint written at step {step}; continue with --resume {run_dir}")
                 return 0
     if bar is not None:
@@ -467,11 +572,16 @@ def _run(args, deepspeed, rank: int, world: int, device: torch.device, cpu: bool
         rank0_print(format_metrics(name, m))
         if writer is not None:
             _log_metrics(writer, f"test/{name}", m, step)
+    bad_lists = [None] * world
+    dist.all_gather_object(bad_lists, stream.bad_samples)
     if rank == 0:
+        bad_samples = [f"rank {r}: {b}" for r, lst in enumerate(bad_lists) for b in lst]
         write_json(run_dir / "metrics.json", {
             "stage": stage, "run_dir": str(run_dir), "steps": step, "best_valid": best,
             "init_from": cfg.stage2.init_from if stage == 2 else None,
             "params": params, "config": to_dict(cfg), "valid_history": history,
+            "bad_samples": {"count": bad_total, "samples": bad_samples},
+            "skipped_steps": {"count": len(skipped), "steps": skipped},
             "eval": {name: {k: v for k, v in m.items()} for name, m in results.items()}})
     _gathered_call(deepspeed, model, zero3, rank, lambda: export_model(
         model, export_dir, run_config={"stage": stage, **to_dict(cfg)},

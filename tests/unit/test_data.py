@@ -310,7 +310,7 @@ def test_corrupt_samples_are_skipped_and_reported_once(tmp_path):
     assert any(s.startswith("mute:") and "no mute.flac" in s for s in bad)
 
 
-def test_a_truncated_shard_fails_with_its_name(tmp_path):
+def test_a_truncated_shard_fails_evaluation_with_its_name(tmp_path):
     write_test_shards(tmp_path, 10, 1)
     shard = tmp_path / "fold0" / "fold0-000000.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
@@ -318,6 +318,46 @@ def test_a_truncated_shard_fails_with_its_name(tmp_path):
     with pytest.raises(DataError) as e:
         read_all(cfg)
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_training_goes_on_past_a_truncated_shard_and_reports_it_once(tmp_path):
+    records = write_test_shards(tmp_path, 12, 2)
+    shard = tmp_path / "fold0" / "fold0-000000.tar"
+    data_ = shard.read_bytes()
+    shard.write_bytes(data_[: len(data_) // 2])
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=True, max_batch_seconds=12.0, num_workers=2)
+    batches = read_all(cfg)
+    got = {u for b in batches for u in b["utt_id"]}
+    second = {r["utt_id"] for r in records[6:]}
+    assert second <= got and 0 < len(got - second) < 6  # the first shard's samples before the damage
+    bad = [s for b in batches for s in b["bad_samples"]]
+    assert len(bad) == 1 and str(shard.resolve()) in bad[0] and "damaged shard" in bad[0], bad
+
+
+def test_a_json_without_label_keys_is_a_bad_sample(tmp_path):
+    records = write_test_shards(tmp_path, 6, 1)
+    with wds.TarWriter(str(tmp_path / "fold0" / "fold0-000001.tar")) as sink:
+        buf = io.BytesIO()
+        sf.write(buf, records[0]["audio"], SR, format="FLAC", subtype="PCM_16")
+        meta = {"utt_id": "nolabels", "duration": len(records[0]["audio"]) / SR, "style": "acted"}
+        sink.write({"__key__": "nolabels", "flac": buf.getvalue(), "json": json.dumps(meta).encode()})
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, num_workers=0)
+    batches = read_all(cfg)
+    assert "nolabels" not in {u for b in batches for u in b["utt_id"]}
+    (bad,) = [s for b in batches for s in b["bad_samples"]]
+    assert bad.startswith("nolabels:") and "emotion" in bad and "valence" in bad
+
+
+def test_starting_a_loader_leaves_the_global_torch_rng_alone(tmp_path):
+    # The model's dropout draws from the global generator: a loader started mid-run (a new
+    # epoch, a resume) must not shift it, or a resumed run diverges from an uninterrupted one.
+    write_test_shards(tmp_path, 10, 2)
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=True, num_workers=1)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    next(iter(make_loader(cfg, epoch=1, skip_batches=1)))
+    torch.testing.assert_close(torch.rand(3), expected)
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -352,6 +392,15 @@ def test_cut_batches_respects_the_cap():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) * max(lengths[i] for i in b) <= 10 or len(b) == 1
+    # 1 | 2, 2 | 3 | 5 | 8 | 9: [1, 2] would be 75 % real, [2, 2, 3] 78 %, [3, 5] 80 %, [5, 8] over the cap
+    assert batches == [[1], [4, 5], [2], [0], [6], [3]]
+    for b in batches:
+        assert sum(lengths[i] for i in b) >= 0.9 * len(b) * max(lengths[i] for i in b)
+
+
+def test_cut_batches_without_the_real_share_rule_fills_to_the_cap():
+    lengths = [5, 1, 3, 9, 2, 2, 8]
+    batches = cut_batches(lengths, 10, min_real_fraction=0.0)
     assert batches[0] == [1, 4, 5]  # 1, 2, 2 → a fourth (3) would make 4 × 3 > 10
 
 
@@ -372,5 +421,7 @@ def test_bucketing_keeps_real_audio_above_90_percent_on_iemocap_like_lengths(tra
         assert len(b) * max(lengths[i] for i in b) <= cap
     real_fraction = sum(lengths) / padded
     assert real_fraction >= 0.9, real_fraction
+    worst = min(sum(lengths[i] for i in b) / (len(b) * max(lengths[i] for i in b)) for b in batches)
+    assert worst >= 0.9, worst  # every batch, not only on average
     # …while batches stay full: on average at least 80 % of the cap in real audio.
     assert sum(lengths) / len(batches) >= 0.8 * cap

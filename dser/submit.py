@@ -1,0 +1,433 @@
+"""Submit dser's two stages, or a whole cross-corpus grid, to Slurm: what ``dser submit`` does.
+
+For users who would rather not edit scripts. It builds the same jobs as
+``slurm/cross_corpus.sh`` from the scripts in ``slurm/``, with resources from options:
+
+    [dser-shard]   slurm/shard.sh, an array job over grid corpora whose shards are missing
+    dser-s1-…      slurm/stage1.sh RUN_DIR CONFIG --set …                  (after the shards)
+    dser-s2-…      slurm/stage2.sh RUN_DIR CONFIG STAGE1_RUN_DIR --set …   --dependency=afterok:<stage 1>
+
+submits them with ``sbatch`` in that order, and prints each job's id, run directory and log.
+Configs are resolved (and so checked) before anything is queued. ``--dry-run`` prints the
+sbatch commands instead, as a shell script that would submit the same jobs.
+
+Usage::
+
+    jobs = plan_jobs(Path("dser/configs/demo_stage1.yaml"), Path("dser/configs/demo_stage2.yaml"),
+                     resources=Resources(gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1))
+    print(format_dry_run(jobs))              # or:
+    ids = submit_jobs(jobs)                  # job key -> Slurm job id
+    print(format_submitted(jobs, ids))
+
+    grid = load_grid(Path("slurm/grid.sh"))  # the grid file cross_corpus.sh reads
+    jobs = plan_jobs(grid.stage1_config, grid.stage2_config, grid=grid)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dser.runconfig import resolve_config
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+SLURM_DIR = CHECKOUT / "slurm"
+
+
+class SubmitError(RuntimeError):
+    """sbatch (or the grid file) failed; the message says which command and why."""
+
+
+class GridError(ValueError):
+    """A grid file the user must fix; the message names the file and the row or variable."""
+
+
+# ------------------------------------------------------------------------------------------
+# resources and the grid
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Resources:
+    """What each training job asks Slurm for (None: the script's #SBATCH default).
+
+    Attributes:
+        nodes: nodes per training job.
+        gpus_per_node: GPUs per node; 0 trains on CPUs (ranks = tasks).
+        ntasks_per_node: ranks per node; default one per GPU, or 1 without GPUs.
+        cpus_per_task: CPUs per rank (data-loader workers, OpenMP threads).
+        time: time limit per job (``HH:MM:SS``, ``D-HH:MM:SS``).
+        partition: Slurm partition.
+        account: Slurm account.
+        extra: further sbatch options, verbatim (``--qos=high``, ``--constraint=a100``).
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.nodes < 1:
+            raise ValueError(f"--nodes {self.nodes}: needs at least 1")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node {self.gpus_per_node}: must be 0 (CPU) or more")
+        if self.ntasks_per_node is not None and self.gpus_per_node and self.ntasks_per_node != self.gpus_per_node:
+            raise ValueError(f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
+                             f"dser runs one rank per GPU; leave --ntasks-per-node out")
+
+    def common_options(self) -> list[str]:
+        """Options every job gets (time, partition, account, extras)."""
+        out = []
+        for flag, value in (("--time", self.time), ("--partition", self.partition), ("--account", self.account)):
+            if value:
+                out.append(f"{flag}={value}")
+        return out + list(self.extra)
+
+    def training_options(self) -> list[str]:
+        """sbatch options of a training job: nodes, one rank per GPU (or tasks), CPUs, …"""
+        tasks = self.ntasks_per_node or self.gpus_per_node or 1
+        out = [f"--nodes={self.nodes}", f"--ntasks-per-node={tasks}", f"--gpus-per-node={self.gpus_per_node}"]
+        if self.cpus_per_task:
+            out.append(f"--cpus-per-task={self.cpus_per_task}")
+        return out + self.common_options()
+
+    def shard_options(self) -> list[str]:
+        """sbatch options of a shard task (one task; CPUs as for a rank)."""
+        out = [f"--cpus-per-task={self.cpus_per_task}"] if self.cpus_per_task else []
+        return out + self.common_options()
+
+
+@dataclass
+class Corpus:
+    """One row of a grid's CORPORA table."""
+
+    name: str
+    reader: str
+    root: str
+    train: list[str]
+    valid: list[str]
+    test: list[str]
+    options: list[str]
+
+
+@dataclass
+class Grid:
+    """A cross-corpus grid file (``slurm/grid.sh``), as bash reads it."""
+
+    path: Path
+    corpora: dict[str, Corpus]
+    sources: list[str]
+    targets: list[str]
+    stage1_config: Path | None
+    stage2_config: Path | None
+    overrides: list[str]
+    name: str
+
+
+_READ_GRID = r"""
+CORPORA=() SOURCES=() TARGETS=() SET=() STAGE1_CONFIG= STAGE2_CONFIG= GRID_NAME=cross-corpus
+source "$1" >/dev/null || exit 3
+emit() { local -n a=$1; printf '%s\0' "${#a[@]}" "${a[@]}"; }
+emit CORPORA; emit SOURCES; emit TARGETS; emit SET
+printf '%s\0' "$STAGE1_CONFIG" "$STAGE2_CONFIG" "$GRID_NAME"
+"""
+
+
+def load_grid(path: Path) -> Grid:
+    """Read a grid file the way ``slurm/cross_corpus.sh`` does: by sourcing it in bash.
+
+    Raises:
+        GridError: missing file, bash errors, a malformed CORPORA row, or a SOURCES/TARGETS
+            name that is not a corpus.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} not found (see slurm/grid.sh for the format)")
+    r = subprocess.run(["bash", "-c", _READ_GRID, "grid", str(path)], capture_output=True)
+    if r.returncode != 0:
+        raise GridError(f"{path}: bash could not read it: {r.stderr.decode(errors='replace').strip()}")
+    fields = r.stdout.decode().split("\0")
+    arrays = []
+    for _ in range(4):
+        n = int(fields.pop(0))
+        arrays.append(fields[:n])
+        del fields[:n]
+    rows, sources, targets, overrides = arrays
+    stage1, stage2, name = fields[:3]
+    corpora = {}
+    for i, row in enumerate(rows):
+        cols = row.split()  # as bash's `read -r -a`: whitespace, no quoting
+        if len(cols) < 6:
+            raise GridError(f"{path}: CORPORA row {i} is not \"NAME READER ROOT TRAIN VALID TEST [options]\": {row!r}")
+        name_, reader, root, train, valid, test = cols[:6]
+        corpora[name_] = Corpus(name_, reader, root, train.split(","), valid.split(","), test.split(","), cols[6:])
+    if not sources or not targets:
+        raise GridError(f"{path}: SOURCES and TARGETS must each name at least one corpus")
+    for c in sources + targets:
+        if c not in corpora:
+            raise GridError(f"{path}: '{c}' is in SOURCES/TARGETS but not in CORPORA ({', '.join(corpora)})")
+    return Grid(path.resolve(), corpora, sources, targets, Path(stage1) if stage1 else None,
+                Path(stage2) if stage2 else None, overrides, name or "cross-corpus")
+
+
+# ------------------------------------------------------------------------------------------
+# the plan: which jobs, with which arguments, after which
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One sbatch submission.
+
+    Attributes:
+        key: a shell-variable-safe name (``stage1_demo_acted``), also used for dependencies.
+        what: one line for people (``stage 2 demo-acted -> demo-natural``).
+        script: the slurm/ script.
+        args: the script's arguments.
+        options: sbatch options, except the dependency.
+        after: keys of the jobs that must succeed first (``--dependency=afterok``).
+        output: where its run writes (a run directory; the shards directory for sharding).
+        log: its Slurm log (with ``%j``/``%A``/``%a`` still in it).
+    """
+
+    key: str
+    what: str
+    script: Path
+    args: list[str]
+    options: list[str]
+    after: list[str]
+    output: Path
+    log: str
+
+
+def _key(*parts: str) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_") for p in parts)
+
+
+def _config_path(path: Path) -> Path:
+    """A config as given, else relative to the checkout (how the grid names the demo configs)."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    return CHECKOUT / path if (CHECKOUT / path).is_file() else path
+
+
+def _yaml_list(paths: list[str]) -> str:
+    return json.dumps(paths)  # JSON is YAML: a flow list the recipe's --set parses
+
+
+def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: Grid | None = None,
+              resources: Resources | None = None, overrides: list[str] = (), runs_dir: Path | None = None,
+              name: str | None = None, shards_dir: Path | None = None, scripts_dir: Path = SLURM_DIR,
+              logs_dir: Path | None = None, stamp: str | None = None) -> list[Job]:
+    """The jobs ``dser submit`` would submit, in submission order; every config is checked.
+
+    Without a grid: one stage-1 job on ``stage1_config`` and one stage-2 job on
+    ``stage2_config`` that starts from it. With a grid: shards for corpora that lack them, a
+    stage-1 job per source and a stage-2 job per (source, target), each with data, test sets,
+    source, target and rehearsal set as ``slurm/cross_corpus.sh`` sets them.
+
+    Args:
+        stage1_config: stage-1 run config (with a grid: default the grid's STAGE1_CONFIG).
+        stage2_config: stage-2 run config (with a grid: default the grid's STAGE2_CONFIG).
+        grid: a grid from :func:`load_grid`, or None.
+        resources: what each training job asks for.
+        overrides: ``KEY=VALUE`` config overrides for both stages (after the grid's).
+        runs_dir: where run directories go (default: the stage-1 config's ``runs_dir``;
+            with a grid, ``$RUNS_DIR`` or ``runs``).
+        name: the run group: runs go to ``runs_dir/NAME/…`` (default: with a grid its
+            GRID_NAME, else ``runs_dir/<config name>-<time>`` per stage).
+        shards_dir: where grid corpora are sharded (default ``$SHARDS_DIR`` or ``shards``).
+        scripts_dir: the slurm/ directory with the scripts.
+        logs_dir: where Slurm logs go (default ``$LOGS_DIR``, else ``scripts_dir/logs``, as
+            in slurm/env.sh).
+        stamp: the time stamp in run names (default: now).
+
+    Raises:
+        ValueError: missing configs, or a config error (``dser.config.ConfigError``) naming the key.
+    """
+    resources = resources or Resources()
+    scripts_dir = Path(scripts_dir)
+    logs_dir = Path(logs_dir or os.environ.get("LOGS_DIR") or scripts_dir / "logs")
+    stamp = stamp or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    overrides = list(overrides)
+    if grid is not None:
+        stage1_config = stage1_config or grid.stage1_config
+        stage2_config = stage2_config or grid.stage2_config
+    if not stage1_config or not stage2_config:
+        raise ValueError("give both --stage1 CONFIG and --stage2 CONFIG (or a --grid whose file sets "
+                         "STAGE1_CONFIG and STAGE2_CONFIG)")
+    cfg1_path, cfg2_path = _config_path(stage1_config), _config_path(stage2_config)
+    train_opts = resources.training_options()
+
+    def job(key, what, job_name, script, args, after, output):
+        log = str(logs_dir / "%x-%j.out") if script.name != "shard.sh" else str(logs_dir / "%x-%A_%a.out")
+        opts = [f"--job-name={job_name}", f"--output={log}"]
+        opts += resources.shard_options() if script.name == "shard.sh" else train_opts
+        return Job(key, what, script, args, opts, after, output, log.replace("%x", job_name))
+
+    if grid is None:
+        cfg1 = resolve_config(cfg1_path, overrides, stage=1)
+        cfg2 = resolve_config(cfg2_path, overrides, stage=2)
+        root = Path(runs_dir) if runs_dir else Path(cfg1.runs_dir)
+        run1 = root / name / "stage1" if name else root / f"{cfg1.name}-{stamp}"
+        run2 = root / name / "stage2" if name else Path(runs_dir or cfg2.runs_dir) / f"{cfg2.name}-{stamp}"
+        sets = [a for o in overrides for a in ("--set", o)]
+        return [
+            job("stage1", f"stage 1 {cfg1.name}", f"dser-s1-{cfg1.name}", scripts_dir / "stage1.sh",
+                [str(run1), str(cfg1_path), *sets], [], run1),
+            job("stage2", f"stage 2 {cfg2.name}", f"dser-s2-{cfg2.name}", scripts_dir / "stage2.sh",
+                [str(run2), str(cfg2_path), str(run1), *sets], ["stage1"], run2),
+        ]
+
+    shards = Path(shards_dir or os.environ.get("SHARDS_DIR") or "shards")
+    root = Path(runs_dir or os.environ.get("RUNS_DIR") or "runs") / (name or grid.name)
+
+    def groups(corpus: str, split: str) -> str:
+        return _yaml_list([str(shards / corpus / g) for g in getattr(grid.corpora[corpus], split)])
+
+    test_sets = "{" + ", ".join(f"{json.dumps(c)}: {groups(c, 'test')}" for c in grid.corpora) + "}"
+    user = grid.overrides + overrides
+    jobs: list[Job] = []
+    names = list(grid.corpora)
+    need = [i for i, c in enumerate(names) if not (shards / c / "index.json").is_file()]
+    after_shards = []
+    if need:
+        jobs.append(job("shard", "shard " + " ".join(names[i] for i in need), "dser-shard",
+                        scripts_dir / "shard.sh", [str(grid.path)], [], shards))
+        jobs[-1].options.insert(0, "--array=" + ",".join(map(str, need)))
+        after_shards = ["shard"]
+    for s in grid.sources:
+        sets = [f"data.train={groups(s, 'train')}", f"data.valid={groups(s, 'valid')}", f"data.test={test_sets}",
+                f"source={s}", "target=null", *user]
+        resolve_config(cfg1_path, sets, stage=1)
+        run1 = root / f"stage1-{s}"
+        jobs.append(job(_key("stage1", s), f"stage 1 {s}", f"dser-s1-{s}", scripts_dir / "stage1.sh",
+                        [str(run1), str(cfg1_path), *(a for o in sets for a in ("--set", o))], after_shards, run1))
+    for s in grid.sources:
+        for t in grid.targets:
+            if s == t:
+                continue
+            sets = [f"data.train={groups(t, 'train')}", f"data.valid={groups(t, 'valid')}", f"data.test={test_sets}",
+                    f"source={s}", f"target={t}", f"data.rehearsal.shards={groups(s, 'train')}", *user]
+            resolve_config(cfg2_path, sets, stage=2)
+            run2 = root / f"stage2-{s}-to-{t}"
+            jobs.append(job(_key("stage2", s, "to", t), f"stage 2 {s} -> {t}", f"dser-s2-{s}-to-{t}",
+                            scripts_dir / "stage2.sh",
+                            [str(run2), str(cfg2_path), str(root / f"stage1-{s}"),
+                             *(a for o in sets for a in ("--set", o))], [_key("stage1", s)], run2))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------
+# sbatch
+# ------------------------------------------------------------------------------------------
+
+def sbatch_command(job: Job, ids: dict[str, str]) -> list[str]:
+    """The sbatch command line of ``job``; ``ids`` maps the keys it waits for to job ids."""
+    dep = [f"--dependency=afterok:{':'.join(ids[k] for k in job.after)}"] if job.after else []
+    return ["sbatch", "--parsable", *dep, *job.options, str(job.script), *job.args]
+
+
+def format_dry_run(jobs: list[Job]) -> str:
+    """The sbatch commands as a shell script: each job id goes into a variable named by its key."""
+    lines = ["# dser submit --dry-run: these commands submit the jobs (each prints its job id)"]
+    for j in jobs:
+        # ${id%%;*}: `sbatch --parsable` answers "id;cluster" on multi-cluster sites
+        cmd = sbatch_command(j, {k: f"${{{k}%%;*}}" for k in j.after})
+        quoted = " ".join(a if a.startswith("--dependency=afterok:$") else shlex.quote(a) for a in cmd)
+        lines.append(f"# {j.what}: {j.output}")
+        lines.append(f"{j.key}=$({quoted})")
+    return "\n".join(lines)
+
+
+def submit_jobs(jobs: list[Job], env: dict | None = None, logs: bool = True) -> dict[str, str]:
+    """Submit ``jobs`` in order with sbatch; returns job key -> Slurm job id.
+
+    If one submission fails, the jobs already submitted are cancelled (no half grids).
+
+    Raises:
+        SubmitError: sbatch missing or failing (its message included).
+    """
+    ids: dict[str, str] = {}
+    for j in jobs:
+        if logs:
+            Path(j.log).parent.mkdir(parents=True, exist_ok=True)
+        cmd = sbatch_command(j, ids)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        except FileNotFoundError as e:
+            raise SubmitError("sbatch not found: run dser submit where Slurm's commands are (a login node)") from e
+        if r.returncode != 0:
+            if ids:
+                subprocess.run(["scancel", *ids.values()], capture_output=True, env=env)
+            cancelled = f"; cancelled the {len(ids)} job(s) submitted before it" if ids else ""
+            raise SubmitError(f"sbatch failed for {j.what}: {r.stderr.strip() or r.stdout.strip()}{cancelled}")
+        ids[j.key] = r.stdout.strip().split(";")[0]
+    return ids
+
+
+def format_submitted(jobs: list[Job], ids: dict[str, str]) -> str:
+    """One line per submitted job: id, what, after which job, run directory, log."""
+    rows = [("JOB", "WHAT", "AFTER", "WRITES TO", "LOG")]
+    for j in jobs:
+        jid = ids[j.key]
+        log = j.log.replace("%j", jid).replace("%A", jid).replace("%a", "*")
+        rows.append((jid, j.what, ",".join(ids[k] for k in j.after) or "-", str(j.output), log))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def runs_root(jobs: list[Job]) -> Path:
+    """The directory holding every run directory of ``jobs`` (what to give ``dser report``)."""
+    runs = [j.output for j in jobs if j.script.name != "shard.sh"]
+    return Path(os.path.commonpath([str(r.parent) for r in runs])) if runs else Path(".")
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def job_states(job_id: str, env: dict | None = None) -> list[tuple[str, str, str]]:
+    """(job id, state, reason) of a job, one per array task (empty once Slurm forgot it)."""
+    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env)
+    out = []
+    for line in r.stdout.splitlines():
+        get = dict(re.findall(r"(?:^|\s)(JobId|JobState|Reason|ArrayTaskId)=(\S+)", line))
+        if "JobId" in get:
+            out.append((get["JobId"], get.get("JobState", "?"), get.get("Reason", "")))
+    return out
+
+
+def wait_for_jobs(ids: dict[str, str], poll: float = 30.0, env: dict | None = None,
+                  echo=print) -> dict[str, list[str]]:
+    """Wait until every job has ended; cancel those whose dependency failed (they never start).
+
+    Returns:
+        job key -> final states (one per array task).
+    """
+    while True:
+        states, live = {}, False
+        for key, jid in ids.items():
+            states[key] = []
+            for task, state, reason in job_states(jid, env):
+                if state == "PENDING" and reason == "DependencyNeverSatisfied":
+                    echo(f"job {task} can never start (a job it depends on failed): cancelling it")
+                    subprocess.run(["scancel", task], capture_output=True, env=env)
+                    live = True
+                elif state not in FINAL_STATES:
+                    live = True
+                states[key].append(state)
+        if not live:
+            return states
+        time.sleep(poll)

@@ -1,0 +1,116 @@
+"""``dser bench --quick`` end to end: it runs, prints its tables, and writes every field.
+
+Timings are not checked (they depend on the machine and its load); structure and the
+quantities that do not depend on speed are: parameter, byte and clip counts, ratios of the
+reference run to itself, two peak-memory readings for two ranks, a baseline whose LoRA trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+SHARDING = ["input_sample_rate", "clips", "audio_seconds", "workers1_x_realtime", "workers2_x_realtime",
+            "workers1_seconds", "workers2_seconds", "workers2_speedup"]
+LOADER = ["workers0_x_realtime", "workers2_x_realtime", "per_worker_x_realtime", "per_worker_x_realtime_2_workers",
+          "real_fraction"]
+PADDING = ["real_fraction", "min_batch_real_fraction", "batches_at_least_90", "batches", "mean_clips_per_batch",
+           "mean_padded_seconds"]
+TRAIN_RUN = ["samples_per_s", "audio_seconds_per_s", "peak_rss_bytes", "checkpoint_bytes", "optimizer_state_bytes",
+             "model_state_bytes", "export_bytes", "trainable_params", "total_params", "wall_seconds",
+             "saved_activation_bytes", "front_end_saved_activation_bytes", "samples_per_s_ratio", "peak_rss_ratio",
+             "optimizer_state_bytes_ratio", "checkpoint_bytes_ratio", "trainable_params_ratio",
+             "saved_activation_bytes_ratio"]
+PIPELINE_RUN = ["audio_seconds_per_s", "samples_per_s"]
+
+# Every number the bench promises, as dotted paths.
+FIELDS = (
+    ["seconds", "machine.cores", "machine.memory_bytes"]
+    + [f"sharding.{rate}.{k}" for rate in ("16k", "48k") for k in SHARDING]
+    + [f"loading.{who}.{k}" for who in ("dser", "plain") for k in LOADER]
+    + ["loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers", "loading.plain_batch_size"]
+    + ["padding.clips", "padding.median_seconds", "padding.mean_seconds", "padding.min_seconds", "padding.max_seconds"]
+    + [f"padding.{case}.{who}.{k}" for case in ("cropped", "whole") for who in ("dser", "random") for k in PADDING]
+    + [f"padding.{case}.ratio_dser_to_random" for case in ("cropped", "whole")]
+    + [f"peft.{run}.{k}" for run in ("full", "lora", "combination") for k in TRAIN_RUN]
+    + [f"pipeline.{who}.{k}" for who in ("dser", "baseline", "baseline_bf16") for k in PIPELINE_RUN]
+    + ["pipeline.speedup", "pipeline.samples_speedup", "pipeline.speedup_vs_bf16_baseline",
+       "pipeline.baseline.real_fraction"]
+)
+
+
+def get(results: dict, dotted: str):
+    node = results
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"{dotted}: no {part!r} in the results"
+        node = node[part]
+    return node
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "dser.cli", "bench", "--quick", "--out", str(out)],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_every_field_is_written(quick):
+    results, _ = quick
+    assert results["format"] == "dser-bench/1" and results["quick"] is True
+    assert results["command"].startswith("dser bench --quick")
+    for dotted in FIELDS:
+        value = get(results, dotted)
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{dotted} = {value!r}"
+        assert math.isfinite(value) and value >= 0, f"{dotted} = {value!r}"
+    for lib in ("dser", "python", "torch", "deepspeed", "transformers", "peft", "webdataset", "soundfile",
+                "libsndfile", "soxr"):
+        assert results["versions"][lib], lib
+    assert results["machine"]["cpu"]
+    assert {g["field"] for g in results["goals"]} >= {"pipeline.speedup", "peft.combination.samples_per_s_ratio",
+                                                      "loading.dser.per_worker_x_realtime"}
+    assert all(g["value"] is not None and g["met"] in (True, False) for g in results["goals"])
+
+
+def test_quantities_that_do_not_depend_on_speed(quick):
+    results, _ = quick
+    peft = results["peft"]
+    for run in ("full", "lora", "combination"):
+        assert len(peft[run]["peak_rss_bytes_per_rank"]) == peft["ranks"] == 2  # one reading per rank, no workers
+        assert peft[run]["total_params"] > 90_000_000  # the WavLM Base+ architecture
+        assert 0 < peft[run]["optimizer_state_bytes"] < peft[run]["checkpoint_bytes"]
+    for k in ("samples_per_s_ratio", "peak_rss_ratio", "checkpoint_bytes_ratio"):
+        assert peft["full"][k] == 1.0
+    assert peft["lora"]["trainable_params"] < peft["combination"]["trainable_params"] < peft["full"]["trainable_params"]
+    assert peft["combination"]["checkpoint_bytes_ratio"] < 0.05  # a byte count, not a timing
+    assert peft["full"]["front_end_saved_activation_bytes"] == 0  # the frozen CNN builds no graph
+    pipeline = results["pipeline"]
+    assert pipeline["baseline_lora_trains"] is True  # the baseline's LoRA is in its graph, every layer
+    for run in pipeline["baseline_runs"] + pipeline["baseline_bf16_runs"]:
+        assert run["layerdrop"] == run["mask_time_prob"] == 0.0  # the config dser's backbone runs
+    assert len(pipeline["dser_runs"]) == len(pipeline["baseline_runs"]) == results["sizes"]["rounds"]
+    s = results["sharding"]
+    assert s["16k"]["clips"] == results["sizes"]["shard_clips_16k"]
+    assert s["48k"]["clips"] == results["sizes"]["shard_clips_48k"]
+    assert results["padding"]["clips"] == results["sizes"]["padding_clips"]
+
+
+def test_console_tables(quick):
+    _, stdout = quick
+    for title in ("1. sharding", "2. loading", "3. padding", "4. PEFT vs full", "5. dser vs the usual pipeline",
+                  "goals"):
+        assert title in stdout, title
+    assert "results: " in stdout

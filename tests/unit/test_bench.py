@@ -1,0 +1,145 @@
+"""dser.bench's measuring parts: the length distribution, the generated corpus, padding
+statistics and the loader's planned batches, autograd's saved activations, the peak-memory
+monitor, TensorBoard rates, goal checks, and the baseline script's Dataset and collate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from dser import bench
+from dser.bench import (FULL, BenchError, PeakMemory, _padding_stats, _tensorboard_rate, check_goals,
+                        iemocap_like_lengths, saved_activation_bytes, write_bench_corpus)
+from dser.bench_baseline import WavDataset, pad_collate, read_manifest
+from dser.corpora import read_corpus
+
+
+def test_lengths_are_iemocap_like_and_deterministic():
+    s = iemocap_like_lengths(20000, seed=3)
+    assert 3.3 < np.median(s) < 3.7
+    assert 4.2 < s.mean() < 4.8
+    assert s.min() >= 0.6 and s.max() <= 30.0
+    assert (s > 15).any()  # a real long tail, not just a bump around the median
+    assert np.array_equal(s, iemocap_like_lengths(20000, seed=3))
+    assert not np.array_equal(s, iemocap_like_lengths(20000, seed=4))
+
+
+def test_bench_corpus_has_the_requested_lengths_and_reads_as_a_manifest(tmp_path):
+    manifest = write_bench_corpus(tmp_path / "c", [0.7, 2.25, 5.0], sample_rate=48000)
+    listing = read_corpus("manifest", manifest)
+    assert [r.emotion for r in listing.records] == ["neutral", "happy", "angry"]
+    for record, seconds in zip(listing.records, [0.7, 2.25, 5.0]):
+        info = sf.info(record.path)
+        assert info.samplerate == 48000 and info.subtype == "PCM_16"
+        assert info.frames == round(seconds * 48000)
+        audio, _ = sf.read(record.path)
+        assert np.sqrt(np.mean(audio ** 2)) > 1e-3  # speech-like content, not silence
+
+
+def test_padding_stats():
+    stats = _padding_stats([np.array([2, 4]), np.array([3, 3, 3])])
+    assert stats["real_fraction"] == pytest.approx(15 / 17)  # (2+4+9) / (2·4 + 3·3)
+    assert stats["min_batch_real_fraction"] == pytest.approx(0.75)
+    assert stats["batches_at_least_90"] == 0.5
+    assert stats["batches"] == 2 and stats["mean_clips_per_batch"] == 2.5
+
+
+def test_padding_measures_the_loaders_plan(tmp_path):
+    sizes = replace(FULL, padding_clips=3000)
+    r = bench.bench_padding(tmp_path, sizes, lambda _: None)
+    for case in ("cropped", "whole"):
+        d, rnd = r[case]["dser"], r[case]["random"]
+        # every clip planned once, by both
+        assert round(d["batches"] * d["mean_clips_per_batch"]) == 3000
+        assert round(rnd["batches"] * rnd["mean_clips_per_batch"]) == 3000
+        assert d["mean_padded_seconds"] <= r["max_batch_seconds"]
+        assert 0 < rnd["real_fraction"] < d["real_fraction"] <= 1
+    assert r["cropped"]["random"]["clips_per_batch"] == int(r["max_batch_seconds"] // r["cropped"]["max_seconds"])
+    assert not (tmp_path / "plan-shards").exists()
+
+
+def test_saved_activations_show_whether_the_cnn_keeps_a_graph():
+    frozen = saved_activation_bytes("tiny-wavlm", ["full"], seconds=1.0)
+    assert frozen["front_end_saved_activation_bytes"] == 0
+    assert frozen["saved_activation_bytes"] > 0
+    trained = saved_activation_bytes("tiny-wavlm", ["full"], seconds=1.0,
+                                     backbone_options={"freeze_feature_encoder": False})
+    assert trained["front_end_saved_activation_bytes"] > 0
+    probe = saved_activation_bytes("tiny-wavlm", ["none"], seconds=1.0)
+    # head only: nothing in the backbone is saved, far less than with LoRA in every layer
+    assert probe["saved_activation_bytes"] < saved_activation_bytes("tiny-wavlm", ["lora"], seconds=1.0)[
+        "saved_activation_bytes"] / 4
+
+
+def test_peak_memory_counts_ranks_not_their_workers(tmp_path):
+    rank = tmp_path / "fake_rank.py"
+    rank.write_text(textwrap.dedent("""
+        import multiprocessing as mp, time
+        import numpy as np
+        def worker():
+            time.sleep(1.5)          # a forked worker: same command line, must be left out
+        if __name__ == "__main__":
+            mp.set_start_method("fork")
+            p = mp.Process(target=worker); p.start()
+            big = np.ones(300 * 2**20 // 8)   # ~300 MiB resident
+            time.sleep(1.5)
+            p.join()
+    """))
+    launcher = [sys.executable, "-c", f"import subprocess, sys; subprocess.call([sys.executable, '-u', {str(rank)!r}])"]
+    proc = subprocess.Popen(launcher)
+    with PeakMemory(proc.pid, "fake_rank.py", interval=0.05) as memory:
+        proc.wait()
+    assert len(memory.peaks) == 1, memory.peaks
+    assert next(iter(memory.peaks.values())) > 300 * 2 ** 20
+
+
+def test_tensorboard_rate_is_total_over_time_after_warmup(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    w = SummaryWriter(str(run / "tensorboard"))
+    t0 = time.time()
+    # step: (rate, wall time); step 1 is warm-up; steps 2 and 3 took 1 s and 3 s
+    for step, rate, wall in ((1, 100.0, t0), (2, 10.0, t0 + 1), (3, 20.0, t0 + 4)):
+        w.add_scalar("train/samples_per_s", rate, step, walltime=wall)
+    w.close()
+    assert _tensorboard_rate(run, "train/samples_per_s", warmup_steps=1) == pytest.approx((10 * 1 + 20 * 3) / 4)
+    with pytest.raises(BenchError, match="no train/samples_per_s scalars after step 3"):
+        _tensorboard_rate(run, "train/samples_per_s", warmup_steps=3)
+
+
+def test_goals_are_checked_against_results():
+    results = {"pipeline": {"speedup": 1.6}, "peft": {"combination": {"peak_rss_ratio": 0.8}}}
+    goals = {g["field"]: g for g in check_goals(results)}
+    assert goals["pipeline.speedup"]["met"] is True
+    assert goals["peft.combination.peak_rss_ratio"]["met"] is False
+    assert goals["loading.dser.per_worker_x_realtime"]["met"] is None  # not measured
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(BenchError, match="unknown bench section.*choose from sharding"):
+        bench.run_bench(None, sections=["speed"])
+
+
+def test_baseline_dataset_crops_and_pads(tmp_path):
+    for name, n in (("a", 8000), ("b", 40000)):
+        sf.write(tmp_path / f"{name}.wav", np.full(n, 0.25, dtype=np.float32), 16000, subtype="PCM_16")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": f"{n}.wav", "emotion": e}) + "\n"
+                                              for n, e in (("a", "sad"), ("b", "neutral"))))
+    ds = WavDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, max_samples=16000)
+    items = [ds[0], ds[1]]
+    assert [len(a) for a, _ in items] == [8000, 16000]
+    assert [y for _, y in items] == [3, 0]
+    batch = pad_collate(items)
+    assert batch["audio"].shape == (2, 16000) and batch["lengths"].tolist() == [8000, 16000]
+    assert batch["attention_mask"].sum(1).tolist() == [8000, 16000]
+    assert torch.all(batch["audio"][0, 8000:] == 0)
