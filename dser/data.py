@@ -142,6 +142,9 @@ class LoaderConfig:
         num_workers: DataLoader worker processes per rank (0 = in the calling process).
         prefetch_factor: batches each worker prepares ahead.
         pin_memory: pin batch tensors (only with CUDA).
+        skip_damaged_shards: go on past a truncated or unreadable shard (its readable samples
+            are used, the damage is reported in ``bad_samples``) instead of failing; None:
+            in training only (a test set read in part would give wrong metrics).
         train: training (shuffle, random crops) or evaluation (fixed order, every clip once).
         sample_rate: the shards' sample rate; a clip at another rate is corrupt.
         rank, world_size: this process's rank and the number of ranks; None takes them from
@@ -161,6 +164,7 @@ class LoaderConfig:
     num_workers: int = 1
     prefetch_factor: int = 2
     pin_memory: bool = False
+    skip_damaged_shards: bool | None = None
     train: bool = True
     sample_rate: int = 16000
     rank: int | None = None
@@ -539,6 +543,8 @@ def _shard_problem(exn: Exception) -> tuple[str, str]:
 def _shard_error(exn: Exception) -> bool:
     """webdataset handler for evaluation: a shard that cannot be read stops with its name
     (a test set read in part would give wrong metrics)."""
+    if isinstance(exn, DataError):  # raised here already, passing through an outer stage
+        raise exn
     where, what = _shard_problem(exn)
     raise DataError(f"{where}: unreadable shard ({what}); re-create it with `dser shard`") from exn
 
@@ -566,8 +572,9 @@ class ShardStream(IterableDataset):
             return
         # Node splitting only: workers split the plan's batches below, not the shards.
         planner = _Planner(cfg)
+        skip_damage = cfg.train if cfg.skip_damaged_shards is None else cfg.skip_damaged_shards
         source = wds.WebDataset(urls, shardshuffle=False,
-                                handler=planner.shard_damaged if cfg.train else _shard_error,
+                                handler=planner.shard_damaged if skip_damage else _shard_error,
                                 nodesplitter=partial(_take_every, start=self.rank, step=self.world_size),
                                 workersplitter=None, empty_check=False)
         clips: Iterable[_Clip] = planner.parse(source)

@@ -54,6 +54,7 @@ from dser.config import ConfigError, from_dict, to_dict
 from dser.data import DataError, LoaderConfig, make_loader, resolve_shards
 from dser.evaluate import evaluate_shards, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
+from dser.model.backbone import BackboneError, check_backbone
 from dser.model.build import build_model
 from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
                                       load_export_weights, save_adaptors)
@@ -277,6 +278,10 @@ def check_inputs(cfg: RunConfig, stage: int) -> None:
             resolve_shards(specs)
         except DataError as e:
             raise RecipeError(f"config.{key}: {e}") from None
+    try:
+        check_backbone(cfg.model.backbone)
+    except BackboneError as e:
+        raise RecipeError(f"config.model.backbone.name: {e}") from None
     if stage == 2:
         init_export = Path(cfg.stage2.init_from) / "export"
         if not (init_export / "export.json").is_file():
@@ -353,7 +358,8 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
         # Filterbank front end with global normalisation: fit per-bin statistics on training
         # data. Every rank reads the same first batches (rank 0's view of all shards), so the
         # statistics agree without communication.
-        fit_cfg = replace(loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0)
+        fit_cfg = replace(loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0,
+                          skip_damaged_shards=True)
         batches = []
         for i, b in enumerate(make_loader(fit_cfg)):
             batches.append((b["audio"], b["attention_mask"]))
@@ -596,7 +602,7 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
 def _class_weights(cfg: LoaderConfig, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights over the training set's labels (normalised to mean 1)."""
     counts = torch.zeros(num_classes)
-    cfg = replace(cfg, rank=0, world_size=1)
+    cfg = replace(cfg, rank=0, world_size=1, skip_damaged_shards=True)
     for b in make_loader(cfg):
         e = b["emotion"][b["emotion"] >= 0]
         counts += torch.bincount(e, minlength=num_classes).float()

@@ -93,3 +93,24 @@ def write_test_shards(out: Path, n_samples: int, n_shards: int, *, group: str = 
     (out / "index.json").write_text(json.dumps(index))
     return records
 
+
+
+def write_demo_shards(root: Path, utterances: int = 96, speakers: int = 6) -> Path:
+    """Small demo corpora as ``dser demo`` makes them: ``root/data/{acted,natural}`` (WAV +
+    manifest) synthesized and sharded by the real sharder into
+    ``root/shards/demo-{acted,natural}/{train,valid,test}`` (8 clips a shard).
+
+    Returns:
+        ``root``.
+    """
+    from dser.corpora import read_corpus
+    from dser.corpora.synthetic import synthesize
+    from dser.shards import build_shards
+
+    for style, seed in (("acted", 1), ("natural", 2)):
+        out = root / "shards" / f"demo-{style}"
+        if not (out / "index.json").is_file():
+            manifest = synthesize(root / "data" / style, style, utterances=utterances, speakers=speakers, seed=seed)
+            build_shards(read_corpus("manifest", manifest), out, corpus=f"demo-{style}", root=manifest,
+                         max_shard_samples=8, progress=False)
+    return root

@@ -876,8 +876,13 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def _load_pretrained(cfg: BackboneConfig) -> Backbone:
-    name = cfg.name
+def _pretrained_config(name: str):
+    """``(source, transformers config)`` of a hub id or local directory; reads only the config.
+
+    Raises:
+        BackboneError: a missing directory, one without config.json, or a hub id that is not
+            in the local cache (offline) or does not exist.
+    """
     source = name
     if _looks_like_path(name):
         path = Path(name).expanduser()
@@ -892,7 +897,7 @@ def _load_pretrained(cfg: BackboneConfig) -> Backbone:
             )
         source = str(path)
     try:
-        config = AutoConfig.from_pretrained(source)
+        return source, AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BackboneError(
@@ -900,6 +905,29 @@ def _load_pretrained(cfg: BackboneConfig) -> Backbone:
             f"nor a model in the local Hugging Face cache; download it first on a machine with network "
             f"(huggingface-cli download {name}) or set model.backbone.name to a model directory ({reason})"
         ) from e
+
+
+def check_backbone(cfg: BackboneConfig | str) -> None:
+    """Fail early, without loading weights, when ``load_backbone(cfg)`` could not find the model.
+
+    Raises:
+        BackboneError: as :func:`load_backbone` would, naming the backbone and what to do.
+    """
+    name = cfg if isinstance(cfg, str) else cfg.name
+    if name in TINY_PRESETS:
+        return
+    if name.startswith("random:"):
+        if name.removeprefix("random:") not in REAL_CONFIGS:
+            raise BackboneError(f"unknown architecture {name.removeprefix('random:')!r} in {name!r}; "
+                                f"known: {', '.join(REAL_CONFIGS)}")
+        return
+    _, config = _pretrained_config(name)
+    _family(config, name)
+
+
+def _load_pretrained(cfg: BackboneConfig) -> Backbone:
+    name = cfg.name
+    source, config = _pretrained_config(name)
     family, model_class = _family(config, name)
     attn = _apply_overrides(config, family, cfg)
     kwargs = {}
@@ -944,10 +972,8 @@ def load_backbone(cfg: BackboneConfig | str) -> Backbone:
     if name in TINY_PRESETS:
         return backbone_from_config(TINY_PRESETS[name](), cfg)
     if name.startswith("random:"):
-        arch = name.removeprefix("random:")
-        if arch not in REAL_CONFIGS:
-            raise BackboneError(f"unknown architecture {arch!r} in {name!r}; known: {', '.join(REAL_CONFIGS)}")
-        return backbone_from_config(REAL_CONFIGS[arch](), cfg)
+        check_backbone(name)
+        return backbone_from_config(REAL_CONFIGS[name.removeprefix("random:")](), cfg)
     return _load_pretrained(cfg)
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures_shards import write_demo_shards
 
 from slurm_cluster import slurm  # noqa: F401  (the session fixture: a started cluster)
 
@@ -61,17 +62,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def demo_shards(workdir) -> Path:
     """shards/demo-{acted,natural} in workdir (made by test 1's shard jobs, else here)."""
-    from dser.corpora import read_corpus
-    from dser.corpora.synthetic import synthesize
-    from dser.shards import build_shards
-
-    for style, seed in (("acted", 1), ("natural", 2)):
-        out = workdir / "shards" / f"demo-{style}"
-        if not (out / "index.json").is_file():
-            manifest = synthesize(workdir / "data" / style, style, utterances=96, speakers=6, seed=seed)
-            build_shards(read_corpus("manifest", manifest), out, corpus=f"demo-{style}", root=manifest,
-                         max_shard_samples=8, progress=False)
-    return workdir / "shards"
+    return write_demo_shards(workdir) / "shards"
 
 
 def job_env(slurm, workdir: Path, **extra: str) -> dict:

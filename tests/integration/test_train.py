@@ -17,11 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dser.corpora import read_corpus
-from dser.corpora.synthetic import synthesize
+from fixtures_shards import write_demo_shards
+
 from dser.launch import launch_command
 from dser.runconfig import default_config_path
-from dser.shards import build_shards
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +32,7 @@ SHORT = ["--set", "optim.max_steps=12", "--set", "optim.warmup_steps=2", "--set"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A working directory with shards/demo-{acted,natural}/{train,valid,test} (small)."""
-    root = tmp_path_factory.mktemp("train")
-    for style, seed in (("acted", 1), ("natural", 2)):
-        manifest = synthesize(root / "data" / style, style, utterances=96, speakers=6, seed=seed)
-        build_shards(read_corpus("manifest", manifest), root / "shards" / f"demo-{style}",
-                     corpus=f"demo-{style}", root=manifest, max_shard_samples=8, progress=False)
-    return root
+    return write_demo_shards(tmp_path_factory.mktemp("train"))
 
 
 def run_train(cwd: Path, *args: str, ranks: int = 2, expect: int = 0) -> subprocess.CompletedProcess:
