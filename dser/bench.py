@@ -58,7 +58,7 @@ import yaml
 
 from dser import __version__
 
-SECTIONS = ("sharding", "loading", "padding", "peft", "pipeline")
+SECTIONS = ("sharding", "loading", "padding", "peft", "pipeline", "soak")
 FORMAT = "dser-bench/1"
 SAMPLE_RATE = 16000
 CLASSES = ("neutral", "happy", "angry", "sad")
@@ -77,6 +77,7 @@ GOALS = [
     ("loader, x real time per worker", "loading.dser.per_worker_x_realtime", ">=", 500.0),
     ("bucketing, real audio in every batch", "padding.cropped.dser.min_batch_real_fraction", ">=", 0.9),
     ("frozen CNN keeps no activations (bytes)", "peft.full.front_end_saved_activation_bytes", "<=", 0),
+    ("resident memory after warm-up, growth", "soak.rss_growth", "<=", 1.10),
 ]
 
 
@@ -99,6 +100,8 @@ class BenchSizes:
             worst-case padded size.
         warmup_steps, measured_steps: optimizer steps of a training run left out / measured.
         rounds: dser / baseline alternations in the pipeline comparison.
+        soak_backbone, soak_steps, soak_warmup_steps: the long tiny-model run whose resident
+            memory is watched, and the steps left out as warm-up.
     """
 
     shard_clips_16k: int
@@ -111,11 +114,14 @@ class BenchSizes:
     warmup_steps: int
     measured_steps: int
     rounds: int
+    soak_backbone: str = "tiny-whisper"
+    soak_steps: int = 2000
+    soak_warmup_steps: int = 200
 
 
 QUICK = BenchSizes(shard_clips_16k=120, shard_clips_48k=40, loader_passes=2, padding_clips=4000,
                    backbone="random:wavlm-base-plus", max_seconds=3.0, max_batch_seconds=6.0,
-                   warmup_steps=1, measured_steps=2, rounds=1)
+                   warmup_steps=1, measured_steps=2, rounds=1, soak_steps=200, soak_warmup_steps=50)
 FULL = BenchSizes(shard_clips_16k=1200, shard_clips_48k=400, loader_passes=3, padding_clips=20000,
                   backbone="random:wavlm-base-plus", max_seconds=6.0, max_batch_seconds=12.0,
                   warmup_steps=2, measured_steps=8, rounds=2)
@@ -421,12 +427,13 @@ def _runs_script(pid: int, script: str) -> bool:
     return Path(program).name == script and "-m" not in args[1:args.index(program)]
 
 
-def _vm_hwm(pid: int) -> int | None:
-    """Peak resident set size of a process in bytes (``VmHWM``), or None once it is gone."""
+def _vm_status(pid: int, field: str = "VmHWM") -> int | None:
+    """A memory field of a process in bytes (``VmHWM``: peak resident set size, ``VmRSS``:
+    resident now), or None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -434,16 +441,19 @@ def _vm_hwm(pid: int) -> int | None:
 
 
 class PeakMemory:
-    """Polls the peak RSS (VmHWM) of the rank processes under a launcher, from outside.
+    """Polls the peak RSS (VmHWM) and the RSS now (VmRSS) of the rank processes under a
+    launcher, from outside.
 
     A rank is a descendant process whose program is ``script`` and whose parent's is not (the
     DataLoader workers a rank forks have the rank's command line and are left out). VmHWM only
     grows, so the last reading before a rank exits is its peak up to the polling interval.
+    ``rss[pid]`` is the series of ``(time.time(), bytes)`` readings.
     """
 
     def __init__(self, root_pid: int, script: str, interval: float = 0.2):
         self.root, self.script, self.interval = root_pid, script, interval
         self.peaks: dict[int, int] = {}
+        self.rss: dict[int, list[tuple[float, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -467,9 +477,11 @@ class PeakMemory:
                     seen.add(child)
                     stack.append(child)
                     if _runs_script(child, self.script) and not _runs_script(pid, self.script):
-                        hwm = _vm_hwm(child)
+                        hwm, rss = _vm_status(child, "VmHWM"), _vm_status(child, "VmRSS")
                         if hwm is not None:
                             self.peaks[child] = max(self.peaks.get(child, 0), hwm)
+                        if rss is not None:
+                            self.rss.setdefault(child, []).append((time.time(), rss))
             self._stop.wait(self.interval)
 
 
@@ -526,7 +538,7 @@ def _base_run_config(work: Path, sizes: BenchSizes) -> Path:
 
 
 def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ranks: int,
-              log: Callable[[str], None]) -> dict:
+              log: Callable[[str], None], warmup_steps: int | None = None) -> dict:
     """One run of the recipe through the DeepSpeed launcher, measured.
 
     Returns:
@@ -534,8 +546,10 @@ def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ra
         scalars), ``peak_rss_bytes`` (max over ranks) and ``peak_rss_bytes_per_rank``,
         ``checkpoint_bytes``, ``optimizer_state_bytes``, ``model_state_bytes`` (of the
         checkpoint saved at the last step, when ``train.save_every`` asks for it),
-        ``export_bytes``, ``trainable_params``, ``total_params``, ``wall_seconds``.
+        ``export_bytes``, ``trainable_params``, ``total_params``, ``wall_seconds``, and
+        ``rss_series_per_rank`` (the ``PeakMemory.rss`` readings, for the caller to reduce).
     """
+    warmup_steps = sizes.warmup_steps if warmup_steps is None else warmup_steps
     from dser.launch import TRAIN_SCRIPT, launch_command
 
     config = _base_run_config(work, sizes)
@@ -564,8 +578,8 @@ def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ra
     ckpt = ckpts[-1] if ckpts else None
     peaks = [memory.peaks[pid] for pid in sorted(memory.peaks)]
     result = {
-        "samples_per_s": _tensorboard_rate(run_dir, "train/samples_per_s", sizes.warmup_steps),
-        "audio_seconds_per_s": _tensorboard_rate(run_dir, "train/audio_seconds_per_s", sizes.warmup_steps),
+        "samples_per_s": _tensorboard_rate(run_dir, "train/samples_per_s", warmup_steps),
+        "audio_seconds_per_s": _tensorboard_rate(run_dir, "train/audio_seconds_per_s", warmup_steps),
         "peak_rss_bytes": max(peaks) if peaks else None,
         "peak_rss_bytes_per_rank": peaks,
         "checkpoint_bytes": _dir_bytes(ckpt) if ckpt else None,
@@ -575,6 +589,7 @@ def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ra
         "trainable_params": metrics["params"]["all"]["trainable"],
         "total_params": metrics["params"]["all"]["total"],
         "wall_seconds": wall,
+        "rss_series_per_rank": [memory.rss.get(pid, []) for pid in sorted(memory.peaks)],
     }
     log(f"  {name}: {result['samples_per_s']:.2f} samples/s, {result['audio_seconds_per_s']:.1f} audio-s/s, "
         f"peak {(result['peak_rss_bytes'] or 0) / 2 ** 30:.2f} GiB/rank, run {wall:.0f} s")
@@ -696,6 +711,7 @@ def bench_peft(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str], N
     for key, adaptors in runs.items():
         result[key] = train_run(work, sizes, f"peft-{key}", [f"model.adaptors={json.dumps(adaptors)}",
                                                             f"train.save_every={steps}"], ranks, log)
+        del result[key]["rss_series_per_rank"]
         result[key]["adaptors"] = adaptors
         result[key].update(saved_activation_bytes(sizes.backbone, adaptors, seconds=sizes.max_seconds))
     full = result["full"]
@@ -726,6 +742,7 @@ def bench_pipeline(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str
     result["baseline_bf16_runs"] = []
     for r in range(sizes.rounds):
         result["dser_runs"].append(train_run(work, sizes, f"pipeline-dser-{r}", overrides, ranks, log))
+        del result["dser_runs"][-1]["rss_series_per_rank"]
         result["baseline_runs"].append(baseline_run(work, sizes, f"pipeline-baseline-{r}", ranks, log))
         result["baseline_bf16_runs"].append(baseline_run(work, sizes, f"pipeline-baseline-bf16-{r}", ranks, log,
                                                          precision="bf16-autocast"))
@@ -741,6 +758,53 @@ def bench_pipeline(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str
     # bypassed or skipped (LayerDrop), so both pipelines trained the same thing.
     result["baseline_lora_trains"] = all(b["lora_b_tensors_with_grad"] == b["lora_b_tensors"] > 0
                                          for b in result["baseline_runs"] + result["baseline_bf16_runs"])
+    return result
+
+
+def _step_times(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, wall time) of every ``train/loss`` event, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return sorted((e.step, e.wall_time) for e in acc.Scalars("train/loss"))
+
+
+def bench_soak(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str], None]) -> dict:
+    """A long tiny-model run (evaluating and checkpointing on the way): resident memory of
+    each rank after warm-up, at the end and at its highest, so a leak shows as growth."""
+    steps, warmup = sizes.soak_steps, sizes.soak_warmup_steps
+    overrides = [f"model.backbone.name={sizes.soak_backbone}", f"optim.max_steps={steps}",
+                 f"train.log_every={max(1, steps // 100)}", f"train.eval_every={max(1, steps // 4)}",
+                 f"train.save_every={max(1, steps // 4)}", "train.keep_last=1"]
+    run = train_run(work, sizes, "soak", overrides, ranks, log, warmup_steps=warmup)
+    series = run.pop("rss_series_per_rank")
+    # TensorBoard's wall times date the warm-up and the steps of the memory readings.
+    times = _step_times(work / "runs" / "soak")
+    after_warmup = [t for step, t in times if step >= warmup]
+    if not after_warmup:
+        raise BenchError(f"soak: no train/loss scalar at or after step {warmup}")
+    t0 = after_warmup[0]
+    at_warmup, at_end, highest, by_step = [], [], [], []
+    for readings in series:
+        by_step.append([[step, next((b for t, b in readings if t >= when), readings[-1][1])]
+                        for step, when in times[:: max(1, len(times) // 20)]])
+        after = [b for t, b in readings if t >= t0]
+        if len(after) < 2:
+            raise BenchError(f"soak: too few memory readings after step {warmup} ({len(after)})")
+        at_warmup.append(after[0])
+        at_end.append(after[-1])
+        highest.append(max(after))
+    result = {"backbone": sizes.soak_backbone, "adaptors": PEFT_COMBINATION, "steps": steps, "warmup_steps": warmup,
+              "ranks": ranks, "rss_after_warmup_bytes_per_rank": at_warmup, "rss_end_bytes_per_rank": at_end,
+              "rss_max_after_warmup_bytes_per_rank": highest,
+              "rss_growth": max(h / w for h, w in zip(highest, at_warmup)),
+              "rss_end_growth": max(e / w for e, w in zip(at_end, at_warmup)),
+              "samples_per_s": run["samples_per_s"], "wall_seconds": run["wall_seconds"],
+              "readings_per_rank": min(len(r) for r in series),
+              "rss_bytes_by_step_per_rank": by_step}
+    log(f"  soak: RSS {_gib(max(at_warmup))} after step {warmup}, at most {_gib(max(highest))} after it, "
+        f"{_gib(max(at_end))} at step {steps} (growth {result['rss_growth']:.3f}x)")
     return result
 
 
@@ -840,7 +904,8 @@ def run_bench(out: Path | None = None, *, quick: bool = False, sections: Sequenc
              "loading": lambda: bench_loading(work, sizes, log),
              "padding": lambda: bench_padding(work, sizes, log),
              "peft": lambda: bench_peft(work, sizes, ranks, log),
-             "pipeline": lambda: bench_pipeline(work, sizes, ranks, log)}
+             "pipeline": lambda: bench_pipeline(work, sizes, ranks, log),
+             "soak": lambda: bench_soak(work, sizes, ranks, log)}
     try:
         for section in SECTIONS:
             if section in sections:
@@ -944,6 +1009,15 @@ def format_table(results: dict) -> str:
                  ["ratio dser / usual (bf16 autocast)", f"{pl['speedup_vs_bf16_baseline']:.2f}x", ""]]
         lines += _table(f"5. dser vs the usual pipeline: {pl['backbone']}, {pl['adaptors']}, "
                         f"{pl['steps']} steps, {pl['rounds']} round(s)", ["pipeline", "audio-s/s", "samples/s"], rows)
+    if "soak" in results:
+        sk = results["soak"]
+        rows = [[f"rank {r}", _gib(w), _gib(h), _gib(e), f"{h / w:.3f}x"]
+                for r, (w, h, e) in enumerate(zip(sk["rss_after_warmup_bytes_per_rank"],
+                                                  sk["rss_max_after_warmup_bytes_per_rank"],
+                                                  sk["rss_end_bytes_per_rank"]))]
+        lines += _table(f"6. soak: {sk['backbone']}, {sk['steps']} steps ({sk['warmup_steps']} warm-up), "
+                        f"resident memory per rank", ["rank", "after warm-up", "highest after", "at the end",
+                                                      "growth"], rows)
     goals = [g for g in results.get("goals", []) if g["value"] is not None]
     if goals:
         lines += _table("goals", ["goal", "target", "measured", "met"],

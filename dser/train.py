@@ -67,6 +67,10 @@ class RecipeError(Exception):
     """A problem the user must fix (printed as one line by rank 0)."""
 
 
+class RankError(RecipeError):
+    """A problem only some ranks see (printed by each rank that hits it)."""
+
+
 # ----------------------------------------------------------------------------------------
 # setup helpers
 # ----------------------------------------------------------------------------------------
@@ -175,7 +179,7 @@ class TrainStream:
                 return batch
             if self.pos[which][1] == 0:
                 rank = dist.get_rank() if dist.is_initialized() else 0
-                raise RecipeError(f"rank {rank} got no {which} training data from "
+                raise RankError(f"rank {rank} got no {which} training data from "
                                   f"{self.cfgs[which].shards}: are there fewer shards than ranks x workers?")
             del self.iters[which]
             self.pos[which] = [self.pos[which][0] + 1, 0]
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, stage, cfg, deepspeed, rank, world, device, cpu)
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
-        if rank == 0:
+        if rank == 0 or isinstance(e, RankError):
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
         return 2
     except (dist.DistError, RuntimeError) as e:
@@ -348,7 +352,6 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
 
     # ---- model: build, stage-2 loading, freezing ---------------------------------------
     model = build_model(cfg.model, num_classes=num_classes, task=cfg.task)
-    init_meta = None
     if stage == 2:
         init_export = Path(cfg.stage2.init_from) / "export"  # checked by check_inputs
         load_export_weights(model, init_export, skip_prefixes=("head.",) if cfg.stage2.new_head else ())

@@ -46,6 +46,8 @@ FIELDS = (
     + [f"pipeline.{who}.{k}" for who in ("dser", "baseline", "baseline_bf16") for k in PIPELINE_RUN]
     + ["pipeline.speedup", "pipeline.samples_speedup", "pipeline.speedup_vs_bf16_baseline",
        "pipeline.baseline.real_fraction"]
+    + [f"soak.{k}" for k in ("steps", "warmup_steps", "rss_growth", "rss_end_growth", "samples_per_s", "wall_seconds",
+                             "readings_per_rank")]
 )
 
 
@@ -106,11 +108,16 @@ def test_quantities_that_do_not_depend_on_speed(quick):
     assert s["16k"]["clips"] == results["sizes"]["shard_clips_16k"]
     assert s["48k"]["clips"] == results["sizes"]["shard_clips_48k"]
     assert results["padding"]["clips"] == results["sizes"]["padding_clips"]
+    soak = results["soak"]
+    assert soak["steps"] == results["sizes"]["soak_steps"]
+    for key in ("rss_after_warmup_bytes_per_rank", "rss_max_after_warmup_bytes_per_rank", "rss_end_bytes_per_rank"):
+        assert len(soak[key]) == 2 and all(v > 100 * 2 ** 20 for v in soak[key]), key  # two ranks, real readings
+    assert soak["rss_growth"] >= soak["rss_end_growth"] > 0
 
 
 def test_console_tables(quick):
     _, stdout = quick
     for title in ("1. sharding", "2. loading", "3. padding", "4. PEFT vs full", "5. dser vs the usual pipeline",
-                  "goals"):
+                  "6. soak", "goals"):
         assert title in stdout, title
     assert "results: " in stdout

@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -210,23 +209,32 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(workdir)
 # dead, preempted and killed ranks
 # ----------------------------------------------------------------------------------------
 
-def test_kill_9_of_one_rank_ends_the_job_within_a_bound_naming_it_and_resume_finishes(workdir):
-    run = workdir / "runs" / "killed"
-    cmd, env = command(*stage1_args("killed"), sets=LONG)
+def signal_rank_mid_run(workdir: Path, name: str, sig: int, rank: int) -> tuple[int, str, int, float]:
+    """Start a LONG run, send ``sig`` to one rank once the first checkpoint exists.
+
+    Returns:
+        (launcher exit status, its output, the pid signalled, seconds from the signal to the end)
+    """
+    cmd, env = command(*stage1_args(name), sets=LONG)
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pids = rank_pids(proc)
-        wait_for(run / "checkpoints" / "latest", proc)
-        os.kill(pids[1], signal.SIGKILL)
-        killed_at = time.monotonic()
+        wait_for(workdir / "runs" / name / "checkpoints" / "latest", proc)
+        os.kill(pids[rank], sig)
+        sent = time.monotonic()
         out, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - killed_at
+        return proc.returncode, out, pids[rank], time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+
+
+def test_kill_9_of_one_rank_ends_the_job_within_a_bound_naming_it_and_resume_finishes(workdir):
+    run = workdir / "runs" / "killed"
+    rc, out, pid, took = signal_rank_mid_run(workdir, "killed", signal.SIGKILL, rank=1)
+    assert rc != 0
     assert took < 60, f"the job took {took:.0f} s to end after a rank died"
-    assert f"rank 1 (pid {pids[1]}" in out and "is gone" in out, out[-3000:]
+    assert f"rank 1 (pid {pid}" in out and "is gone" in out, out[-3000:]
     assert not (run / "metrics.json").exists()
 
     r = train(workdir, "--resume", str(run), sets=[])
@@ -236,17 +244,9 @@ def test_kill_9_of_one_rank_ends_the_job_within_a_bound_naming_it_and_resume_fin
 
 def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir):
     run = workdir / "runs" / "preempted"
-    cmd, env = command(*stage1_args("preempted"), sets=LONG)
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        pids = rank_pids(proc)
-        wait_for(run / "checkpoints" / "latest", proc)
-        os.kill(pids[1], signal.SIGUSR1)  # Slurm signals every rank; the others must follow one anyway
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    # Slurm signals every rank; the others must follow a signal that reached only one anyway.
+    rc, out, _, _ = signal_rank_mid_run(workdir, "preempted", signal.SIGUSR1, rank=1)
+    assert rc == 0, out[-4000:]
     assert "a signal on another rank: checkpoint written at step" in out, out[-3000:]
     tag = (run / "checkpoints" / "latest").read_text().strip()
     step = int(tag.removeprefix("step"))
