@@ -143,3 +143,13 @@ def test_baseline_dataset_crops_and_pads(tmp_path):
     assert batch["audio"].shape == (2, 16000) and batch["lengths"].tolist() == [8000, 16000]
     assert batch["attention_mask"].sum(1).tolist() == [8000, 16000]
     assert torch.all(batch["audio"][0, 8000:] == 0)
+
+
+def test_cli_refuses_an_unknown_section_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dser.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--only", "speed", "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 1 and "unknown bench section(s) speed" in r.output and "soak" in r.output
+    assert "Traceback" not in r.output

@@ -186,3 +186,27 @@ def test_submitted_table_names_ids_dependencies_runs_and_logs(tmp_path):
     assert lines[1].split()[0] == "11" and f"{tmp_path}/dser-s1-demo-stage1-11.out" in lines[1]
     assert lines[2].split()[:5] == ["12", "stage", "2", "demo-stage2", "11"]
     assert "runs/demo-stage2-20261124-010203" in lines[2]
+
+
+def test_cli_dry_run_and_errors(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dser.cli import main
+
+    monkeypatch.setenv("LOGS_DIR", str(tmp_path / "logs"))
+    runner = CliRunner()
+    r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--stage2", str(CFG2), "--gpus-per-node", "0",
+                             "--ntasks-per-node", "2", "--time", "1:00:00", "--name", "pair", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("stage1=", "stage2="))]
+    assert len(lines) == 2 and "--dependency=afterok:${stage1%%;*}" in lines[1]
+    assert "--time=1:00:00" in lines[0] and "--ntasks-per-node=2" in lines[0]
+    assert not (tmp_path / "logs").exists()  # a dry run submits and creates nothing
+
+    r = runner.invoke(main, ["submit", "--grid", str(tmp_path / "missing.sh"), "--dry-run"])
+    assert r.exit_code == 1 and "grid file" in r.output and "not found" in r.output
+    r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--dry-run"])
+    assert r.exit_code == 1 and "--stage2" in r.output
+    r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--stage2", str(CFG2), "--set", "optim.lrr=1",
+                             "--dry-run"])
+    assert r.exit_code == 1 and "optim.lrr" in r.output and "Traceback" not in r.output
