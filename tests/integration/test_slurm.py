@@ -210,7 +210,10 @@ def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, w
 
 def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     env = job_env(slurm, workdir)
-    sets = [a for o in [*SHORT, "data.train=[shards/missing/train]"] for a in ("--set", o)]
+    # One training shard for two ranks: the run starts (its directory exists) and fails on its
+    # first batch. (A missing shard group would fail before any run directory is made.)
+    one_shard = sorted((demo_shards / "demo-acted" / "train").glob("*.tar"))[0]
+    sets = [a for o in [*SHORT, f"data.train=[{one_shard}]"] for a in ("--set", o)]
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--runs-dir", "runs",
              "--name", "broken", *sets, "--wait", "--poll", "1", cwd=workdir, env=env)
@@ -218,6 +221,8 @@ def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     ids = submitted_ids(r.stdout)
     s1, s2 = slurm.job(ids["stage 1"]), slurm.job(ids["stage 2"])
     assert s1["JobState"] == "FAILED"
+    (log1,) = (workdir / "logs").glob(f"*-{ids['stage 1']}.out")
+    assert "1 training shard(s)" in log1.read_text()
     assert s2["JobState"] == "CANCELLED" and "can never start" in r.stdout
     assert not (workdir / "runs" / "broken" / "stage2").exists()
     assert not list((workdir / "logs").glob(f"*-{ids['stage 2']}.out"))
