@@ -1,6 +1,6 @@
 """``dser bench``: how much audio dser pushes through a machine, measured in one run.
 
-Five measurements, each a rate or a ratio taken in the same run on the same machine, on audio
+Six measurements, each a rate or a ratio taken in the same run on the same machine, on audio
 generated here (speech-like clips from ``dser.corpora.synthetic``, cut to IEMOCAP-like lengths:
 log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s)::
 
@@ -20,6 +20,8 @@ log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s)::
     pipeline   audio-seconds/s of a dser training run against bench_baseline.py (transformers +
                peft + DataLoader over WAV files, random padded batches, plain AdamW, one
                process) on the same model, data and number of optimizer steps, run in alternation
+    soak       resident memory (VmRSS) of each rank over a long tiny-model run of the recipe
+               (2,000 steps, evaluating and checkpointing on the way): growth after warm-up
 
 Rates of training runs leave out their first ``warmup_steps`` steps (start-up, first batches,
 kernel selection). ``--quick`` shrinks every size so the whole bench finishes in a few minutes
