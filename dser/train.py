@@ -386,6 +386,7 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"] \
         else torch.float32
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    overflow_checked = ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]
 
     class_weights = None
     if cfg.optim.class_weighted_loss and label_set is not None:
@@ -496,11 +497,13 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
                                   f"train.max_bad_samples={cfg.train.max_bad_samples} (at step {step + 1}; "
                                   f"latest: {latest}). Run dser verify on the shards")
             if nonfinite_loss:
-                # Every rank must run backward (gradients are reduced collectively): drop this
-                # batch's contribution by backpropagating zero.
-                # Zero from the parameters themselves: a graph through NaN activations would
-                # still give NaN gradients (0 * NaN).
-                loss = sum(p.sum() for p in trainable) * 0.0
+                # Every rank must run backward (gradients are reduced collectively), from the
+                # parameters themselves: a graph through NaN activations would give NaN
+                # gradients on this rank only. With bf16/fp16, DeepSpeed's overflow check
+                # drops a step whose gradients are NaN on any rank (optimizer moments and
+                # schedule untouched): make them NaN on purpose. In fp32 there is no such
+                # check: backpropagate zero, which drops the batch but not AdamW's momentum.
+                loss = sum(p.sum() for p in trainable) * (math.nan if overflow_checked else 0.0)
                 step_skipped = "loss"
             else:
                 loss_sum += loss.detach().float().cpu()

@@ -186,6 +186,11 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(workdir):
     assert m["steps"] == 12
     assert m["skipped_steps"] == {"count": 1, "steps": [{"step": 3, "why": "non-finite loss"}]}
     assert scalars(run, "train/skipped_steps")[-1][1] == 1
+    # DeepSpeed dropped the whole update (moments and schedule too), not just the batch
+    import torch
+    ds_state = torch.load(run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)
+    assert ds_state["skipped_steps"] == 1 and ds_state["global_steps"] == 12
     assert all(math.isfinite(v) for _, v in scalars(run, "train/loss"))
     assert_finite_export(run)
 
