@@ -216,11 +216,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- process group -----------------------------------------------------------------
     import deepspeed  # only the recipes import DeepSpeed
+    import deepspeed.ops
+
+    # DeepSpeed's CPU backend builds a shared-memory all-reduce (for inference) at start-up and
+    # never unlinks its buffers: every run left 66 MB per rank in /dev/shm, under names that
+    # carry the rendezvous port, until a few hundred runs had filled the memory. Training
+    # reduces through torch.distributed and never uses it: don't build it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     cpu = not torch.cuda.is_available()
     # The collective timeout bounds how long the others wait for a rank that hangs; a rank
     # that dies closes its connections, and the next collective fails at once (below).
-    deepspeed.init_distributed(timeout=dt.timedelta(minutes=cfg.deepspeed.timeout_minutes))
+    timeout = dt.timedelta(minutes=cfg.deepspeed.timeout_minutes)
+    # init_distributed's timeout covers only the default group; DeepSpeed's own groups (ZeRO's
+    # data-parallel group reduces the gradient norm) come from new_group(), which takes
+    # torch's module default (30 min). Make that default ours before any group exists.
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), dt.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
@@ -238,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (dist.DistError, RuntimeError) as e:
         dead = dead_peers(peers)
-        if not dead and not isinstance(e, dist.DistError):
+        # NCCL raises DistError; gloo (CPU) a plain RuntimeError from its sources, a timeout
+        # included ("…/gloo/transport/tcp/…: Timed out waiting …").
+        if not dead and not isinstance(e, dist.DistError) and "gloo" not in str(e):
             raise
         who = ", ".join(f"rank {r} (pid {pid} on {host})" for r, host, pid in dead) or \
             "another rank (on another host, or hung)"
@@ -307,7 +324,7 @@ def dead_peers(peers: list[tuple[str, int]]) -> list[tuple[int, str, int]]:
             try:
                 # A killed rank stays a zombie until its launcher reaps it: state Z is gone too.
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError, IndexError):
+            except (FileNotFoundError, IndexError):
                 state = "gone"
             except OSError:
                 continue

@@ -214,13 +214,14 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(workdir)
 # dead, preempted and killed ranks
 # ----------------------------------------------------------------------------------------
 
-def signal_rank_mid_run(workdir: Path, name: str, sig: int, rank: int) -> tuple[int, str, int, float]:
-    """Start a LONG run, send ``sig`` to one rank once the first checkpoint exists.
+def signal_rank_mid_run(workdir: Path, name: str, sig: int, rank: int,
+                        sets: list[str] = ()) -> tuple[int, str, int, float]:
+    """Start a LONG run (plus ``sets``), send ``sig`` to one rank once the first checkpoint exists.
 
     Returns:
         (launcher exit status, its output, the pid signalled, seconds from the signal to the end)
     """
-    cmd, env = command(*stage1_args(name), sets=LONG)
+    cmd, env = command(*stage1_args(name), sets=[*LONG, *sets])
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pids = rank_pids(proc)
@@ -245,6 +246,15 @@ def test_kill_9_of_one_rank_ends_the_job_within_a_bound_naming_it_and_resume_fin
     r = train(workdir, "--resume", str(run), sets=[])
     assert "resumed from" in r.stdout
     assert metrics(run)["steps"] == 150
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(workdir):
+    # SIGSTOP: the rank is alive but never answers; deepspeed.timeout_minutes bounds the wait.
+    rc, out, _, took = signal_rank_mid_run(workdir, "hung", signal.SIGSTOP, rank=1,
+                                           sets=["deepspeed.timeout_minutes=0.1"])
+    assert rc != 0
+    assert "rank 0: a collective failed" in out and "another rank (on another host, or hung)" in out, out[-3000:]
+    assert took < 90, f"the job took {took:.0f} s to end after a rank hung"
 
 
 def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir):

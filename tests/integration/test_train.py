@@ -143,6 +143,17 @@ def test_predict_gives_the_probabilities_of_evaluation(workdir):
         np.testing.assert_allclose(got, preds["emotion_prob"][i], atol=1e-4)
 
 
+def test_a_run_leaves_nothing_in_dev_shm(workdir):
+    cmd, env = launch_command(["--stage", "1", "--config", str(default_config_path(1)), *SHORT,
+                               "--set", "optim.max_steps=2", "--run-dir", "runs/shm"], ranks=2)
+    port = cmd[cmd.index("--master_port") + 1]
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    left = [p.name for p in Path("/dev/shm").glob(f"*_{port}_*")] if Path("/dev/shm").is_dir() else []
+    assert left == [], left
+
+
 def test_bad_config_key_fails_with_its_name(workdir):
     r = run_train(workdir, "--stage", "1", "--set", "optim.lrr=1", expect=2, ranks=1)
     assert "unknown key config.optim.lrr" in r.stderr + r.stdout
