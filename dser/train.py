@@ -216,26 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- process group -----------------------------------------------------------------
     import deepspeed  # only the recipes import DeepSpeed
-    import deepspeed.ops
-
-    # DeepSpeed's CPU backend builds a shared-memory all-reduce (for inference) at start-up and
-    # never unlinks its buffers: every run left 66 MB per rank in /dev/shm, under names that
-    # carry the rendezvous port, until a few hundred runs had filled the memory. Training
-    # reduces through torch.distributed and never uses it: don't build it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     cpu = not torch.cuda.is_available()
-    # The collective timeout bounds how long the others wait for a rank that hangs; a rank
-    # that dies closes its connections, and the next collective fails at once (below).
-    timeout = dt.timedelta(minutes=cfg.deepspeed.timeout_minutes)
-    # init_distributed's timeout covers only the default group; DeepSpeed's own groups (ZeRO's
-    # data-parallel group reduces the gradient norm) come from new_group(), which takes
-    # torch's module default (30 min). Make that default ours before any group exists.
-    import torch.distributed.distributed_c10d as c10d
-    c10d.default_pg_timeout = timeout
-    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), dt.timedelta):
-        c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(timeout=timeout)
+    init_process_group(deepspeed, dt.timedelta(minutes=cfg.deepspeed.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
@@ -263,6 +246,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{who} is gone. Resume with --resume once it is fixed", file=sys.stderr, flush=True)
         # The process group is broken: exit now rather than hang in its teardown.
         os._exit(3)
+
+
+def init_process_group(deepspeed, timeout: dt.timedelta) -> None:
+    """``deepspeed.init_distributed`` with ``timeout`` on every process group, and without
+    DeepSpeed's CPU shared-memory all-reduce.
+
+    The timeout bounds how long the others wait for a rank that hangs (a rank that dies
+    closes its connections, and the next collective fails at once). init_distributed's own
+    timeout covers only the default group; DeepSpeed's groups (ZeRO's data-parallel group
+    reduces the gradient norm) come from ``new_group()``, which takes torch's module default
+    (30 min), so that default is set first.
+
+    DeepSpeed's CPU backend builds a shared-memory all-reduce (for inference) at start-up and
+    never unlinks its buffers: every run left 66 MB per rank in /dev/shm, under names that
+    carry the rendezvous port, until a few hundred runs had filled the memory. Training
+    reduces through torch.distributed and never uses it, so it is not built.
+    """
+    import deepspeed.ops
+    import torch.distributed.distributed_c10d as c10d
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), dt.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
 
 
 def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig]:

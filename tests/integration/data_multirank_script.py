@@ -4,6 +4,7 @@
 """
 
 import argparse
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import deepspeed
 import torch.distributed as dist
 
 from dser.data import LoaderConfig, make_loader
+from dser.train import init_process_group
 
 
 def main() -> None:
@@ -21,7 +23,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
     args = ap.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(deepspeed, dt.timedelta(minutes=5))  # the recipe's, leaving no /dev/shm buffers
     rank, world = dist.get_rank(), dist.get_world_size()
     # RANK/WORLD_SIZE removed: the loader must take the rank from the process group.
     os.environ.pop("RANK", None)
