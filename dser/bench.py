@@ -12,19 +12,22 @@ log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s)::
     padding    real (non-padded) share of the samples in training batches: dser's plan (the
                loader's own ShardStream.plan with the default run config's batching) against
                random batches of a fixed clip count, on 20 000 IEMOCAP-like lengths
-    peft       the training recipe through the DeepSpeed launcher (2 CPU ranks, ZeRO-2, bf16) on
+    peft       the training recipe through the DeepSpeed launcher (2 CPU ranks, ZeRO-2) on
                the WavLM Base+ architecture (random weights, ~94 M parameters) with adaptors
                full, lora, lora+bottleneck+weighted_sum+weight_gating: samples/s, peak memory
                per rank (VmHWM of each rank process), optimizer-state and checkpoint bytes,
                each also as a ratio to full
     pipeline   audio-seconds/s of a dser training run against bench_baseline.py (transformers +
                peft + DataLoader over WAV files, random padded batches, plain AdamW, one
-               process) on the same model, data and number of optimizer steps, run in alternation
+               process) on the same model, data and number of optimizer steps, run in alternation;
+               where the hardware has native bf16, also against the script in bf16 autocast
     soak       resident memory (VmRSS) of each rank over a long tiny-model run of the recipe
                (2,000 steps, evaluating and checkpointing on the way): growth after warm-up
 
-Rates of training runs leave out their first ``warmup_steps`` steps (start-up, first batches,
-kernel selection). ``--quick`` shrinks every size so the whole bench finishes in a few minutes
+Every training run trains in the precision ``deepspeed.precision: auto`` picks on this machine
+(bf16 only where the GPU or CPU has it natively, else fp16 on a GPU, fp32 on a CPU) and every
+figure is labelled with the precision it was measured in. Rates of training runs leave out their
+first ``warmup_steps`` steps (start-up, first batches, kernel selection). ``--quick`` shrinks every size so the whole bench finishes in a few minutes
 on a 2-core machine; the numbers in BENCHMARKS.md come from a run without it.
 
 Usage::
@@ -533,7 +536,7 @@ def _base_run_config(work: Path, sizes: BenchSizes) -> Path:
         "optim": {"lr": 1e-4, "max_steps": steps, "warmup_steps": 1, "schedule": "constant"},
         # Log every step (rates per step, warm-up left out); no validation before the end.
         "train": {"log_every": 1, "eval_every": 10 ** 9, "save_every": 10 ** 9, "keep_last": 1, "progress": False},
-        "deepspeed": {"config": "zero2_bf16", "precision": "bf16"},
+        "deepspeed": {"config": "zero2", "precision": "auto"},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -548,8 +551,9 @@ def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ra
         scalars), ``peak_rss_bytes`` (max over ranks) and ``peak_rss_bytes_per_rank``,
         ``checkpoint_bytes``, ``optimizer_state_bytes``, ``model_state_bytes`` (of the
         checkpoint saved at the last step, when ``train.save_every`` asks for it),
-        ``export_bytes``, ``trainable_params``, ``total_params``, ``wall_seconds``, and
-        ``rss_series_per_rank`` (the ``PeakMemory.rss`` readings, for the caller to reduce).
+        ``export_bytes``, ``trainable_params``, ``total_params``, ``wall_seconds``, ``precision``
+        and ``precision_reason`` (what the run trained in, and why), and ``rss_series_per_rank``
+        (the ``PeakMemory.rss`` readings, for the caller to reduce).
     """
     warmup_steps = sizes.warmup_steps if warmup_steps is None else warmup_steps
     from dser.launch import TRAIN_SCRIPT, launch_command
@@ -591,10 +595,11 @@ def train_run(work: Path, sizes: BenchSizes, name: str, overrides: list[str], ra
         "trainable_params": metrics["params"]["all"]["trainable"],
         "total_params": metrics["params"]["all"]["total"],
         "wall_seconds": wall,
+        "precision": metrics["precision"], "precision_reason": metrics["precision_reason"],
         "rss_series_per_rank": [memory.rss.get(pid, []) for pid in sorted(memory.peaks)],
     }
     log(f"  {name}: {result['samples_per_s']:.2f} samples/s, {result['audio_seconds_per_s']:.1f} audio-s/s, "
-        f"peak {(result['peak_rss_bytes'] or 0) / 2 ** 30:.2f} GiB/rank, run {wall:.0f} s")
+        f"peak {(result['peak_rss_bytes'] or 0) / 2 ** 30:.2f} GiB/rank, run {wall:.0f} s, {result['precision']}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a full-finetuning one is > 1 GB
     return result
 
@@ -652,8 +657,9 @@ def baseline_run(work: Path, sizes: BenchSizes, name: str, ranks: int, log: Call
 # ----------------------------------------------------------------------------------------
 
 def saved_activation_bytes(backbone: str, adaptors: list[str], seconds: float = 3.0, clips: int = 2,
-                           backbone_options: dict | None = None) -> dict:
-    """Bytes autograd keeps for backward in one bf16 training forward, in all and in the CNN front end.
+                           backbone_options: dict | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Bytes autograd keeps for backward in one training forward in ``dtype``, in all and in the
+    CNN front end.
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor saved for backward,
     once per storage, parameters left out (they exist anyway). A frozen front end that runs
@@ -664,6 +670,7 @@ def saved_activation_bytes(backbone: str, adaptors: list[str], seconds: float = 
         adaptors: ``model.adaptors``.
         seconds, clips: the batch, ``clips`` × ``seconds`` of noise.
         backbone_options: other ``model.backbone`` keys (e.g. ``freeze_feature_encoder``).
+        dtype: the model's and the batch's dtype (the training runs' precision).
 
     Returns:
         ``{"saved_activation_bytes": int, "front_end_saved_activation_bytes": int}``.
@@ -674,7 +681,7 @@ def saved_activation_bytes(backbone: str, adaptors: list[str], seconds: float = 
     torch.manual_seed(0)
     backbone_cfg = {"name": backbone, **(backbone_options or {})}
     model = build_model(from_dict(ModelConfig, {"backbone": backbone_cfg, "adaptors": list(adaptors)}),
-                        num_classes=len(CLASSES)).to(torch.bfloat16).train()
+                        num_classes=len(CLASSES)).to(dtype).train()
     params = {p.data_ptr() for p in model.parameters()}
     seen: set[tuple[int, int]] = set()
     where = {"front_end": False}
@@ -697,25 +704,35 @@ def saved_activation_bytes(backbone: str, adaptors: list[str], seconds: float = 
     audio = torch.randn(clips, int(seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(0)) * 0.1
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(audio.to(torch.bfloat16), torch.ones(audio.shape, dtype=torch.bool))
+            model(audio.to(dtype), torch.ones(audio.shape, dtype=torch.bool))
     finally:
         for h in hooks:
             h.remove()
     return totals
 
 
+def _precision_label(runs: list[dict]) -> str:
+    """The precision a set of training runs trained in (``bf16``; ``bf16/fp32`` if they differ)."""
+    return "/".join(dict.fromkeys(r["precision"] for r in runs))
+
+
 def bench_peft(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str], None]) -> dict:
     """full, lora and the paper's combination through the recipe; ratios to full."""
+    from dser.precision import Precision
+
     steps = sizes.warmup_steps + sizes.measured_steps
     runs = {"full": ["full"], "lora": ["lora"], "combination": PEFT_COMBINATION}
-    result: dict = {"backbone": sizes.backbone, "ranks": ranks, "deepspeed": "zero2_bf16",
+    result: dict = {"backbone": sizes.backbone, "ranks": ranks, "deepspeed": "zero2",
                     "steps": steps, "warmup_steps": sizes.warmup_steps}
     for key, adaptors in runs.items():
         result[key] = train_run(work, sizes, f"peft-{key}", [f"model.adaptors={json.dumps(adaptors)}",
                                                             f"train.save_every={steps}"], ranks, log)
         del result[key]["rss_series_per_rank"]
         result[key]["adaptors"] = adaptors
-        result[key].update(saved_activation_bytes(sizes.backbone, adaptors, seconds=sizes.max_seconds))
+        # the activations kept for backward in the dtype this run trained in
+        dtype = Precision(result[key]["precision"], "").dtype
+        result[key].update(saved_activation_bytes(sizes.backbone, adaptors, seconds=sizes.max_seconds, dtype=dtype))
+    result["precision"] = _precision_label([result[k] for k in runs])
     full = result["full"]
     for key in runs:
         r = result[key]
@@ -733,33 +750,43 @@ def bench_pipeline(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str
 
     Both train LoRA (rank 8) on the feed-forward projections of every layer and a projector →
     mean-pooling → classifier head on the same architecture and clips, cropped to the same
-    ``max_seconds``; dser with ``ranks`` ranks (ZeRO-2, bf16, duration-capped buckets), the
-    baseline as one process using every core, batches of the same worst-case padded size, in fp32
-    (what the plain script does) and, to separate precision from the rest, in bf16 autocast.
+    ``max_seconds``; dser with ``ranks`` ranks (ZeRO-2, the precision auto picks, duration-capped
+    buckets), the baseline as one process using every core, batches of the same worst-case padded
+    size, in fp32 (what the plain script does) and, where the hardware has native bf16 (``auto``
+    picks bf16 here), also in bf16 autocast, to separate precision from the rest. Without native
+    bf16 that variant would only measure bf16's emulation (~60x slower matmuls), so it is left out.
     """
+    from dser.precision import decide_precision, detect_hardware
+
+    native_bf16 = decide_precision("auto", detect_hardware()).name == "bf16"
     overrides = ["model.adaptors=[lora]", f"model.lora.target_modules={json.dumps(PIPELINE_LORA_TARGETS)}"]
     result: dict = {"backbone": sizes.backbone, "adaptors": "lora on " + ", ".join(PIPELINE_LORA_TARGETS),
                     "steps": sizes.warmup_steps + sizes.measured_steps, "warmup_steps": sizes.warmup_steps,
-                    "rounds": sizes.rounds, "dser_runs": [], "baseline_runs": []}
-    result["baseline_bf16_runs"] = []
+                    "rounds": sizes.rounds, "native_bf16": native_bf16, "dser_runs": [], "baseline_runs": []}
+    whos = ("dser", "baseline", "baseline_bf16") if native_bf16 else ("dser", "baseline")
+    if native_bf16:
+        result["baseline_bf16_runs"] = []
     for r in range(sizes.rounds):
         result["dser_runs"].append(train_run(work, sizes, f"pipeline-dser-{r}", overrides, ranks, log))
         del result["dser_runs"][-1]["rss_series_per_rank"]
         result["baseline_runs"].append(baseline_run(work, sizes, f"pipeline-baseline-{r}", ranks, log))
-        result["baseline_bf16_runs"].append(baseline_run(work, sizes, f"pipeline-baseline-bf16-{r}", ranks, log,
-                                                         precision="bf16-autocast"))
-    for who in ("dser", "baseline", "baseline_bf16"):
+        if native_bf16:
+            result["baseline_bf16_runs"].append(baseline_run(work, sizes, f"pipeline-baseline-bf16-{r}", ranks, log,
+                                                             precision="bf16-autocast"))
+    for who in whos:
         runs = result[f"{who}_runs"]
         result[who] = {k: float(np.mean([x[k] for x in runs])) for k in ("audio_seconds_per_s", "samples_per_s")}
+    result["dser"]["precision"] = _precision_label(result["dser_runs"])
     result["baseline"]["real_fraction"] = float(np.mean([x["real_fraction"] for x in result["baseline_runs"]]))
     result["speedup"] = result["dser"]["audio_seconds_per_s"] / result["baseline"]["audio_seconds_per_s"]
     result["samples_speedup"] = result["dser"]["samples_per_s"] / result["baseline"]["samples_per_s"]
-    result["speedup_vs_bf16_baseline"] = (result["dser"]["audio_seconds_per_s"]
-                                          / result["baseline_bf16"]["audio_seconds_per_s"])
+    if native_bf16:
+        result["speedup_vs_bf16_baseline"] = (result["dser"]["audio_seconds_per_s"]
+                                              / result["baseline_bf16"]["audio_seconds_per_s"])
     # Every LoRA module of every baseline run got a gradient on its first step: none was
     # bypassed or skipped (LayerDrop), so both pipelines trained the same thing.
     result["baseline_lora_trains"] = all(b["lora_b_tensors_with_grad"] == b["lora_b_tensors"] > 0
-                                         for b in result["baseline_runs"] + result["baseline_bf16_runs"])
+                                         for b in result["baseline_runs"] + result.get("baseline_bf16_runs", []))
     return result
 
 
@@ -803,6 +830,7 @@ def bench_soak(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str], N
               "rss_growth": max(h / w for h, w in zip(highest, at_warmup)),
               "rss_end_growth": max(e / w for e, w in zip(at_end, at_warmup)),
               "samples_per_s": run["samples_per_s"], "wall_seconds": run["wall_seconds"],
+              "precision": run["precision"],
               "readings_per_rank": min(len(r) for r in series),
               "rss_bytes_by_step_per_rank": by_step}
     log(f"  soak: RSS {_gib(max(at_warmup))} after step {warmup}, at most {_gib(max(highest))} after it, "
@@ -827,8 +855,13 @@ def machine_info() -> dict:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 memory = int(line.split()[1]) * 1024
+    from dser.precision import decide_precision, detect_hardware
+
+    auto = decide_precision("auto", detect_hardware())
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "auto_precision": auto.name, "auto_precision_reason": auto.reason,
             "load_average": list(os.getloadavg())}
 
 
@@ -958,6 +991,8 @@ def format_table(results: dict) -> str:
     m, v = results["machine"], results["versions"]
     lines = [f"dser bench{' --quick' if results.get('quick') else ''}: {m['cpu']}, {m['cores']} cores; "
              f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}"]
+    if m.get("auto_precision"):
+        lines.append(f"precision auto here: {m['auto_precision']} ({m['auto_precision_reason']})")
     if "sharding" in results:
         rows = [[f"{e['input_sample_rate'] // 1000} kHz WAV", e["clips"], f"{e['workers1_x_realtime']:.0f}x",
                  f"{e['workers2_x_realtime']:.0f}x", f"{e['workers2_speedup']:.2f}x"]
@@ -998,17 +1033,21 @@ def format_table(results: dict) -> str:
                          f"{_mib(r['optimizer_state_bytes'])} ({r['optimizer_state_bytes_ratio']:.3f}x)",
                          f"{_mib(r['checkpoint_bytes'])} ({r['checkpoint_bytes_ratio']:.3f}x)",
                          f"{_mib(r['saved_activation_bytes'])} / {_mib(r['front_end_saved_activation_bytes'])}"])
-        lines += _table(f"4. PEFT vs full: {pf['backbone']}, {pf['ranks']} ranks, ZeRO-2 bf16",
+        lines += _table(f"4. PEFT vs full: {pf['backbone']}, {pf['ranks']} ranks, ZeRO-2 {pf['precision']}",
                         ["adaptors", "trainable", "samples/s", "peak RSS/rank", "optimizer state", "checkpoint",
                          "kept for backward / in CNN"], rows)
     if "pipeline" in results:
         pl = results["pipeline"]
-        rows = [[name, f"{pl[k]['audio_seconds_per_s']:.2f}", f"{pl[k]['samples_per_s']:.2f}"]
-                for name, k in (("dser (recipe, 2 ranks, ZeRO-2 bf16, buckets)", "dser"),
-                                ("usual (transformers + peft, random batches, fp32)", "baseline"),
-                                ("usual, bf16 autocast", "baseline_bf16"))]
-        rows += [["ratio dser / usual (fp32)", f"{pl['speedup']:.2f}x", f"{pl['samples_speedup']:.2f}x"],
-                 ["ratio dser / usual (bf16 autocast)", f"{pl['speedup_vs_bf16_baseline']:.2f}x", ""]]
+        who = [(f"dser (recipe, 2 ranks, ZeRO-2 {pl['dser']['precision']}, buckets)", "dser"),
+               ("usual (transformers + peft, random batches, fp32)", "baseline")]
+        if "baseline_bf16" in pl:
+            who.append(("usual, bf16 autocast", "baseline_bf16"))
+        rows = [[name, f"{pl[k]['audio_seconds_per_s']:.2f}", f"{pl[k]['samples_per_s']:.2f}"] for name, k in who]
+        rows.append(["ratio dser / usual (fp32)", f"{pl['speedup']:.2f}x", f"{pl['samples_speedup']:.2f}x"])
+        if "baseline_bf16" in pl:
+            rows.append(["ratio dser / usual (bf16 autocast)", f"{pl['speedup_vs_bf16_baseline']:.2f}x", ""])
+        else:
+            rows.append(["(no bf16-autocast baseline: this hardware has no native bf16)", "", ""])
         lines += _table(f"5. dser vs the usual pipeline: {pl['backbone']}, {pl['adaptors']}, "
                         f"{pl['steps']} steps, {pl['rounds']} round(s)", ["pipeline", "audio-s/s", "samples/s"], rows)
     if "soak" in results:
@@ -1018,7 +1057,7 @@ def format_table(results: dict) -> str:
                                                   sk["rss_max_after_warmup_bytes_per_rank"],
                                                   sk["rss_end_bytes_per_rank"]))]
         lines += _table(f"6. soak: {sk['backbone']}, {sk['steps']} steps ({sk['warmup_steps']} warm-up), "
-                        f"resident memory per rank", ["rank", "after warm-up", "highest after", "at the end",
+                        f"{sk['precision']}, resident memory per rank", ["rank", "after warm-up", "highest after", "at the end",
                                                       "growth"], rows)
     goals = [g for g in results.get("goals", []) if g["value"] is not None]
     if goals:

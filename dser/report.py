@@ -11,7 +11,8 @@ stage-1 run it started from (``init_from`` in its metrics.json), and one row per
 A row is ``source -> target``: UA and WA (categorical runs) and/or mean CCC (dimensional runs)
 on the source and on the target test set, after stage 1 and after stage 2, then the target
 gain (stage 2 - stage 1 on the target test set, the point of stage 2) and the source change
-(the same on the source test set: negative means forgetting). Which test set is whose comes
+(the same on the source test set: negative means forgetting), and the precision each stage
+trained in (``bf16``, or ``bf16 -> fp32`` when they differ). Which test set is whose comes
 from the run configs' ``source`` and ``target`` keys (the stage-1 run's ``source``, the
 stage-2 run's ``target``); ``slurm/cross_corpus.sh`` sets both.
 
@@ -55,6 +56,8 @@ class Run:
         config: the resolved run config (metrics.json's, else config.yaml's).
         metrics: metrics.json, or None when the run has not finished.
         problem: why the run cannot be used (None when it can).
+        precision: what it trained in (metrics.json's, else config.yaml's record; None when
+            neither says, as in runs from before dser recorded it).
     """
 
     path: Path
@@ -62,6 +65,7 @@ class Run:
     config: dict
     metrics: dict | None
     problem: str | None = None
+    precision: str | None = None
 
 
 @dataclass
@@ -70,7 +74,7 @@ class PairRow:
 
     ``values`` maps column keys (``stage1_source_ua``, ``stage2_target_ccc_mean``,
     ``target_gain_ua``, ``source_change_ua`` …) to numbers; None where the run has no such
-    test set or metric.
+    test set or metric. ``precisions`` is (stage 1's, stage 2's), None where unrecorded.
     """
 
     source: str
@@ -78,6 +82,12 @@ class PairRow:
     stage1_run: Path
     stage2_run: Path
     values: dict[str, float | None]
+    precisions: tuple[str | None, str | None] = (None, None)
+
+    def precision(self) -> str:
+        """``bf16`` when both stages trained in it, ``bf16 -> fp32`` when they differ."""
+        a, b = (p or "?" for p in self.precisions)
+        return a if a == b else f"{a} -> {b}"
 
 
 @dataclass
@@ -87,6 +97,7 @@ class LeftOut:
     run: Path
     stage: int | None
     reason: str
+    precision: str | None = None
 
 
 @dataclass
@@ -122,12 +133,14 @@ class Report:
     def table(self) -> str:
         """The rows as a Markdown table (numbers to 3 decimals, gains signed)."""
         cols = self.columns()
-        head = ["source", "target", *(h for _, h in cols), "runs"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(cols) + ["---"]) + "|"]
+        head = ["source", "target", *(h for _, h in cols), "precision", "runs"]
+        lines = ["| " + " | ".join(head) + " |",
+                 "|" + "|".join(["---"] * 2 + ["---:"] * len(cols) + ["---", "---"]) + "|"]
         for r in self.rows:
             cells = [r.source, r.target]
             for key, _ in cols:
                 cells.append(_fmt(r.values.get(key), signed=key.startswith(("target_gain", "source_change"))))
+            cells.append(r.precision())
             cells.append(f"{self._rel(r.stage1_run)} -> {self._rel(r.stage2_run)}")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -136,9 +149,10 @@ class Report:
         """The left-out runs as a Markdown table (empty string when there are none)."""
         if not self.left_out:
             return ""
-        lines = ["| run | stage | why |", "|---|---|---|"]
+        lines = ["| run | stage | precision | why |", "|---|---|---|---|"]
         for x in self.left_out:
-            lines.append(f"| {self._rel(x.run)} | {x.stage if x.stage is not None else '?'} | {x.reason} |")
+            lines.append(f"| {self._rel(x.run)} | {x.stage if x.stage is not None else '?'} | "
+                         f"{x.precision or '?'} | {x.reason} |")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -212,19 +226,21 @@ def read_run(path: Path) -> Run:
     meta = _read_yaml(path / "config.yaml") or {}
     stage = meta.get("stage")
     config = meta.get("config") or {}
+    record = meta.get("precision")
+    precision = record.get("name") if isinstance(record, dict) else None
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         latest = path / "checkpoints" / "latest"
         where = f"; last checkpoint {latest.read_text().strip()}" if latest.is_file() else ""
-        return Run(path, stage, config, None, f"no metrics.json: failed or still running{where}")
+        return Run(path, stage, config, None, f"no metrics.json: failed or still running{where}", precision)
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, ValueError) as e:
-        return Run(path, stage, config, None, f"metrics.json unreadable: {e}")
+        return Run(path, stage, config, None, f"metrics.json unreadable: {e}", precision)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("eval"), dict):
-        return Run(path, stage, config, None, "metrics.json has no 'eval' section")
+        return Run(path, stage, config, None, "metrics.json has no 'eval' section", precision)
     stage = metrics.get("stage", stage)
-    return Run(path, stage, metrics.get("config") or config, metrics)
+    return Run(path, stage, metrics.get("config") or config, metrics, precision=metrics.get("precision", precision))
 
 
 def _norm(p: str | os.PathLike) -> str:
@@ -276,7 +292,7 @@ def collect(runs_dir: Path) -> Report:
     if not runs:
         raise ReportError(f"{runs_dir}: no run directories (none holds metrics.json or a run config.yaml)")
 
-    left_out = [LeftOut(r.path, r.stage, r.problem) for r in runs if r.problem]
+    left_out = [LeftOut(r.path, r.stage, r.problem, r.precision) for r in runs if r.problem]
     done = [r for r in runs if not r.problem]
     stage1 = [r for r in done if r.stage == 1]
     used_stage1: set[Path] = set()
@@ -285,7 +301,8 @@ def collect(runs_dir: Path) -> Report:
         init_from = s2.metrics.get("init_from") or (s2.config.get("stage2") or {}).get("init_from")
         s1 = _find_stage1(init_from, stage1, s2.path) if init_from else None
         if s1 is None:
-            left_out.append(LeftOut(s2.path, 2, f"its stage-1 run {init_from} was not found or has not finished"))
+            left_out.append(LeftOut(s2.path, 2, f"its stage-1 run {init_from} was not found or has not finished",
+                                    s2.precision))
             continue
         used_stage1.add(s1.path)
         source = s1.config.get("source") or s2.config.get("source")
@@ -293,14 +310,15 @@ def collect(runs_dir: Path) -> Report:
         if not source or not target:
             missing = "source" if not source else "target"
             left_out.append(LeftOut(s2.path, 2, f"config key '{missing}' is not set: which test set is the "
-                                                f"{missing} domain? (set {missing}: <data.test name>)"))
+                                                f"{missing} domain? (set {missing}: <data.test name>)", s2.precision))
             continue
         pairs.append((s1, s2, source, target))
     for r in done:
         if r.stage == 1 and r.path not in used_stage1:
-            left_out.append(LeftOut(r.path, 1, "finished stage 1, but no finished stage-2 run started from it"))
+            left_out.append(LeftOut(r.path, 1, "finished stage 1, but no finished stage-2 run started from it",
+                                    r.precision))
         elif r.stage not in (1, 2):
-            left_out.append(LeftOut(r.path, r.stage, f"stage {r.stage!r} is neither 1 nor 2"))
+            left_out.append(LeftOut(r.path, r.stage, f"stage {r.stage!r} is neither 1 nor 2", r.precision))
 
     evals = [m for s1, s2, _, _ in pairs for run in (s1, s2) for m in run.metrics["eval"].values()
              if isinstance(m, dict)]
@@ -318,7 +336,7 @@ def collect(runs_dir: Path) -> Report:
             for key, dom in ((f"target_gain_{gain_metric}", "target"), (f"source_change_{gain_metric}", "source")):
                 a, b = values[f"stage1_{dom}_{gain_metric}"], values[f"stage2_{dom}_{gain_metric}"]
                 values[key] = b - a if a is not None and b is not None else None
-        rows.append(PairRow(source, target, s1.path, s2.path, values))
+        rows.append(PairRow(source, target, s1.path, s2.path, values, (s1.precision, s2.precision)))
     rows.sort(key=lambda r: (r.source, r.target, str(r.stage2_run)))
     left_out.sort(key=lambda x: str(x.run))
     return Report(runs_dir, rows, left_out, metrics, gain_metric)
@@ -329,14 +347,16 @@ def collect(runs_dir: Path) -> Report:
 # ------------------------------------------------------------------------------------------
 
 def write_csv(report: Report, path: Path) -> None:
-    """One row per pair: source, target, every numeric column, both run directories."""
+    """One row per pair: source, target, every numeric column, both precisions, both run directories."""
     cols = report.columns()
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["source", "target", *(k for k, _ in cols), "stage1_run", "stage2_run"])
+        w.writerow(["source", "target", *(k for k, _ in cols), "stage1_precision", "stage2_precision",
+                    "stage1_run", "stage2_run"])
         for r in report.rows:
             nums = ["" if r.values.get(k) is None else f"{r.values[k]:.6g}" for k, _ in cols]
-            w.writerow([r.source, r.target, *nums, str(r.stage1_run), str(r.stage2_run)])
+            w.writerow([r.source, r.target, *nums, *(p or "" for p in r.precisions), str(r.stage1_run),
+                        str(r.stage2_run)])
 
 
 def gain_matrix(report: Report) -> tuple[list[str], list[str], list[list[float]]]:

@@ -8,24 +8,29 @@ Where DeepSpeed's values come from: the run config owns the batch (``data.max_ba
 ``optim.grad_accum``, ``optim.grad_clip``, the learning rate and its schedule, and fills the
 ``"auto"`` entries of the chosen ``ds_configs/*.json`` (micro-batch size is nominal: batches are
 capped by audio seconds, so their clip count varies). The DeepSpeed file owns the ZeRO stage,
-offload, communication buckets and precision (bf16/fp16), which ``deepspeed.precision`` may
-override (``fp32`` to run without mixed precision, e.g. on a CPU without bf16 support).
+offload and communication buckets; the precision is ``deepspeed.precision``'s, decided once per
+run by ``dser.precision`` (``auto``: from the hardware) and written into the file's ``bf16`` and
+``fp16`` sections, whose ``enabled`` says ``"auto"`` in the shipped files. The names of the old
+per-precision files (``zero2_bf16``, ``zero3_fp16`` …) still work, as aliases of their ZeRO
+stage's file: under ``auto`` they no longer choose the precision.
 
 Usage::
 
     cfg = resolve_config(Path("dser/configs/demo_stage1.yaml"), ["optim.lr=1e-3"], stage=1)
-    ds = deepspeed_config(cfg, world_size=2)
+    ds = deepspeed_config(cfg, world_size=2, precision="bf16", cpu=True)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from dser.config import ConfigError, apply_overrides, from_dict, knob, load_yaml, to_dict
 from dser.model.build import ModelConfig
+from dser.precision import PRECISIONS, Precision
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = PACKAGE_DIR / "configs"
@@ -87,8 +92,10 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = knob("zero2_bf16", "a ds_configs/ name (zero0..3, zero3_offload × bf16/fp16) or a JSON path")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = knob("auto", "auto = as the DeepSpeed file says")
+    config: str = knob("zero2", "a ds_configs/ name (zero0, zero1, zero2, zero3, zero3_offload) or a JSON path")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = knob(
+        "auto", "auto: bf16 where the GPU or CPU has it natively, else fp16 (GPU) or fp32 (CPU); "
+                "a resumed run keeps the precision it started in")
     timeout_minutes: float = knob(10.0, "collective timeout: a dead rank makes the others exit within this bound")
 
 
@@ -147,41 +154,103 @@ def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunCo
     return cfg
 
 
+# The per-precision file names of dser <= 0.1 (zero2_bf16.json …): aliases of one file per stage.
+_ALIAS = re.compile(r"^(zero[0-3]|zero3_offload)_(bf16|fp16)$")
+
+
 def ds_config_path(name: str) -> Path:
-    """Resolve a ds_configs name (``zero2_bf16``) or a JSON path."""
+    """Resolve a ds_configs name (``zero2``, or an old alias such as ``zero2_bf16``) or a JSON path."""
     p = Path(name)
     if p.suffix == ".json" and p.is_file():
         return p
-    candidate = DS_CONFIGS_DIR / f"{p.stem}.json"
+    alias = _ALIAS.match(p.stem)
+    candidate = DS_CONFIGS_DIR / f"{alias.group(1) if alias else p.stem}.json"
     if candidate.is_file():
         return candidate
     choices = ", ".join(sorted(q.stem for q in DS_CONFIGS_DIR.glob("*.json")))
     raise ConfigError(f"config.deepspeed.config: {name!r} is neither a JSON file nor one of {choices}")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, cpu: bool) -> dict:
-    """The DeepSpeed config dict: the JSON file with its ``auto`` values filled from the run config."""
-    ds = json.loads(ds_config_path(cfg.deepspeed.config).read_text())
+def read_ds_config(name: str) -> dict:
+    """The DeepSpeed config file ``name`` names, parsed.
+
+    Raises:
+        ConfigError: no such file, or not a JSON object.
+    """
+    path = ds_config_path(name)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.deepspeed.config: {path} is not readable JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"config.deepspeed.config: {path} holds no JSON object")
+    return ds
+
+
+def ds_file_precision(name: str) -> str | None:
+    """The precision a DeepSpeed config names, if any: an old alias's suffix (``zero2_bf16``),
+    or a JSON file's ``bf16``/``fp16`` section with ``"enabled": true``; None for ``"auto"``."""
+    alias = _ALIAS.match(Path(name).stem)
+    if alias and not (Path(name).suffix == ".json" and Path(name).is_file()):
+        return alias.group(2)
+    ds = read_ds_config(name)
+    for precision in ("bf16", "fp16"):
+        if (ds.get(precision) or {}).get("enabled") is True:
+            return precision
+    return None
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, cpu: bool) -> dict:
+    """The DeepSpeed config dict: the JSON file with its ``auto`` values filled from the run config.
+
+    Args:
+        cfg: the run config.
+        world_size: ranks in the job.
+        precision: the run's precision (``dser.precision``'s decision): bf16, fp16 or fp32.
+        cpu: training on CPUs (offload sections are dropped).
+    """
+    ds = read_ds_config(cfg.deepspeed.config)
     ds["train_micro_batch_size_per_gpu"] = 1  # nominal: batches are capped by audio seconds
     ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
     ds["train_batch_size"] = cfg.optim.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    precision = cfg.deepspeed.precision
-    if precision == "auto":
-        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     if precision == "fp16" and cpu:
-        raise ConfigError("config.deepspeed: fp16 needs a GPU; on CPU use precision bf16 or fp32 "
-                          "(--set deepspeed.precision=bf16)")
+        raise ConfigError("config.deepspeed.precision: fp16 needs a GPU; on CPU use auto, bf16 or fp32 "
+                          "(--set deepspeed.precision=auto)")
     # check_grad_overflow: a step whose gradients hold inf/NaN is skipped (and counted by the
     # recipe through engine.skipped_steps) rather than applied.
-    ds["bf16"] = {"enabled": precision == "bf16", "check_grad_overflow": True}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": precision == "bf16", "check_grad_overflow": True}
+    ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": precision == "fp16"}
     if cpu:
         # Offloading to the CPU is meaningless when training on it.
         zero = ds.get("zero_optimization", {})
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
     return ds
+
+
+def recorded_precision(meta: dict, where: str) -> Precision:
+    """The precision a run directory's ``config.yaml`` (``meta``) records.
+
+    Runs written before dser recorded it trained in what their DeepSpeed config said: the
+    explicit ``deepspeed.precision``, else the file's ``bf16``/``fp16`` (an old alias such as
+    ``zero2_bf16``, the default then), else fp32.
+
+    Args:
+        meta: the parsed ``RUN/config.yaml`` (``stage``, ``config``, ``precision``).
+        where: the file, for the error message.
+
+    Raises:
+        PrecisionError: the record is not a precision.
+        ConfigError: an old run's DeepSpeed config file is gone.
+    """
+    if "precision" in meta:
+        return Precision.from_record(meta["precision"], where)
+    ds = (meta.get("config") or {}).get("deepspeed") or {}
+    requested, file = ds.get("precision", "auto"), str(ds.get("config", "zero2_bf16"))
+    name = requested if requested in PRECISIONS else ds_file_precision(file) or "fp32"
+    return Precision(name, f"as its DeepSpeed config {file} said; the run predates dser's precision record",
+                     requested)
 
 
 def config_as_dict(cfg: RunConfig) -> dict:

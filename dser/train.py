@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -58,7 +58,8 @@ from dser.model.backbone import BackboneError, check_backbone
 from dser.model.build import build_model
 from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
                                       load_export_weights, save_adaptors)
-from dser.runconfig import RunConfig, deepspeed_config, resolve_config
+from dser.precision import Precision, PrecisionError, check_device, decide_precision, detect_hardware, keep_precision
+from dser.runconfig import RunConfig, deepspeed_config, ds_file_precision, recorded_precision, resolve_config
 
 REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
 
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- config, checked before any process group or compute ---------------------------
     try:
-        stage, cfg = read_run_config(args)
-        check_inputs(cfg, stage)
+        stage, cfg, recorded = read_run_config(args)
+        check_inputs(cfg, stage, recorded)
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
         if env_rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
 
     try:
-        return _run(args, stage, cfg, deepspeed, rank, world, device, cpu)
+        return _run(args, stage, cfg, recorded, deepspeed, rank, world, device, cpu)
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0 or isinstance(e, RankError):
@@ -273,28 +274,36 @@ def init_process_group(deepspeed, timeout: dt.timedelta) -> None:
     deepspeed.init_distributed(timeout=timeout)
 
 
-def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig]:
-    """The stage and resolved run config: from --resume's run directory, or --config/--set."""
+def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision | None]:
+    """The stage, the resolved run config, and (resuming) the precision the run started in:
+    from --resume's run directory, or --config/--set."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         meta = yaml.safe_load((run_dir / "config.yaml").read_text())
-        return meta["stage"], from_dict(RunConfig, meta["config"], where="config")
+        recorded = recorded_precision(meta, str(run_dir / "config.yaml"))
+        return meta["stage"], from_dict(RunConfig, meta["config"], where="config"), recorded
     cfg = resolve_config(args.config, args.overrides, args.stage)
     if args.stage == 2:
         init_from = args.init_from or (Path(cfg.stage2.init_from) if cfg.stage2.init_from else None)
         init_from = init_from or latest_run(Path(cfg.runs_dir), stage=1)
         cfg = replace(cfg, stage2=replace(cfg.stage2, init_from=str(Path(init_from).resolve())))
-    return args.stage, cfg
+    return args.stage, cfg, None
 
 
-def check_inputs(cfg: RunConfig, stage: int) -> None:
-    """Every shard group, the stage-1 run and its label set, before anything is computed.
+def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) -> None:
+    """Every shard group, the DeepSpeed config, a precision this machine can train in, the
+    stage-1 run and its label set, before anything is computed.
 
     Raises:
         RecipeError: naming the config key and what to do.
     """
+    ds_file_precision(cfg.deepspeed.config)  # reads the file: ConfigError naming the key and the shipped files
+    try:
+        check_device(recorded.name if recorded else cfg.deepspeed.precision, torch.cuda.is_available(), recorded)
+    except PrecisionError as e:
+        raise RecipeError(str(e)) from None
     groups = {"data.train": cfg.data.train, "data.valid": cfg.data.valid,
               **{f"data.test.{k}": v for k, v in cfg.data.test.items()}}
     if cfg.data.rehearsal.shards:
@@ -341,8 +350,50 @@ def dead_peers(peers: list[tuple[str, int]]) -> list[tuple[int, str, int]]:
     return dead
 
 
-def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, device: torch.device,
-         cpu: bool) -> int:
+def agree_on_precision(cfg: RunConfig, recorded: Precision | None, rank: int) -> Precision:
+    """The run's precision, decided once on rank 0 (probing its hardware) and broadcast, so no
+    two ranks can disagree; a resumed run keeps ``recorded``, the precision it started in."""
+    answer = None
+    if rank == 0:
+        try:
+            hw = detect_hardware()
+            p = keep_precision(recorded, hw) if recorded else decide_precision(cfg.deepspeed.precision, hw)
+            answer = ("ok", asdict(p))
+        except PrecisionError as e:
+            answer = ("error", str(e))
+    kind, value = broadcast(answer)
+    if kind == "error":
+        raise RecipeError(value)
+    return Precision(**value)
+
+
+def precision_notes(cfg: RunConfig, precision: Precision, stage: int) -> list[str]:
+    """What the start of a run says about its precision beyond ``precision.line()``: the slow-
+    choice warning, an old DeepSpeed file name that no longer decides, a stage-1 run that
+    trained in another precision."""
+    notes = [f"warning: {precision.warning}"] if precision.warning else []
+    named = ds_file_precision(cfg.deepspeed.config)
+    if precision.requested == "auto" and named and named != precision.name:
+        notes.append(f"note: deepspeed.config {cfg.deepspeed.config} names {named}, but the precision is "
+                     f"deepspeed.precision's (auto: {precision.name}); set deepspeed.precision={named} to train in "
+                     f"{named}")
+    if stage == 2:
+        meta_file = Path(cfg.stage2.init_from) / "config.yaml"
+        try:
+            s1 = recorded_precision(yaml.safe_load(meta_file.read_text()) or {}, str(meta_file))
+        except (OSError, ValueError, yaml.YAMLError) as e:  # informative only: never stop a run for it
+            notes.append(f"note: the precision of stage-1 run {cfg.stage2.init_from} is unknown ({e})")
+            return notes
+        if s1.name != precision.name:
+            notes.append(f"note: stage 2 trains in {precision.name}; its stage-1 run {cfg.stage2.init_from} "
+                         f"trained in {s1.name} ({s1.reason})")
+    return notes
+
+
+def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed, rank: int, world: int,
+         device: torch.device, cpu: bool) -> int:
+    precision = agree_on_precision(cfg, recorded, rank)
+
     # ---- run directory -----------------------------------------------------------------
     if args.resume:
         run_dir = Path(args.resume)
@@ -354,11 +405,13 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
         run_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(
-                {"stage": stage, "config": to_dict(cfg)}, sort_keys=False))
+                {"stage": stage, "precision": precision.record(), "config": to_dict(cfg)}, sort_keys=False))
     if dist.is_initialized():
         dist.barrier()
     rank0_print(f"dser: stage {stage} run in {run_dir} ({world} rank{'s' if world > 1 else ''}, "
                 f"{'CPU' if cpu else 'GPU'})")
+    precision_text = [precision.line()] + (precision_notes(cfg, precision, stage) if rank == 0 else [])
+    rank0_print("\n".join(precision_text))
 
     # ---- seeds, labels, data ------------------------------------------------------------
     random.seed(cfg.seed + rank)
@@ -405,13 +458,12 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ds_config = deepspeed_config(cfg, world, cpu)
+    ds_config = deepspeed_config(cfg, world, precision.name, cpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"] \
-        else torch.float32
+    dtype = precision.dtype
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    overflow_checked = ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]
+    overflow_checked = precision.name in ("bf16", "fp16")
 
     class_weights = None
     if cfg.optim.class_weighted_loss and label_set is not None:
@@ -452,6 +504,7 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(tb_dir))
         writer.add_text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", step)
+        writer.add_text("precision", "\n\n".join(precision_text), step)
     bar = None
     if rank == 0 and cfg.train.progress:
         from tqdm import tqdm
@@ -615,6 +668,7 @@ def _run(args, stage: int, cfg: RunConfig, deepspeed, rank: int, world: int, dev
         bad_samples = [f"rank {r}: {b}" for r, lst in enumerate(bad_lists) for b in lst]
         write_json(run_dir / "metrics.json", {
             "stage": stage, "run_dir": str(run_dir), "steps": step, "best_valid": best,
+            "precision": precision.name, "precision_reason": precision.reason,
             "init_from": cfg.stage2.init_from if stage == 2 else None,
             "params": params, "config": to_dict(cfg), "valid_history": history,
             "bad_samples": {"count": bad_total, "samples": bad_samples},

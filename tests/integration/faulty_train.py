@@ -12,6 +12,9 @@ DSER_FAULT is one of
     nan_grad:B[,B…]     the loss stays finite but its gradients are NaN
     kill_in_save:N      SIGKILL in the N-th checkpoint save: after DeepSpeed wrote its files,
                         before dser's own state and the publishing rename
+    hardware:KIND       the precision decision sees other hardware than this machine's:
+                        cpu-no-bf16 (capability AVX2) or cpu-bf16 (AVX-512 BF16, bf16 matmul 3x
+                        faster than fp32); training itself runs on the real CPU
 
 and DSER_FAULT_RANK (default: every rank) picks the rank it hits.
 """
@@ -31,7 +34,7 @@ from dser import train  # noqa: E402
 from dser.model.build import SERModel  # noqa: E402
 
 kind, _, arg = os.environ.get("DSER_FAULT", "").partition(":")
-if kind not in ("", "nan_loss", "nan_loss_from", "nan_grad", "kill_in_save"):
+if kind not in ("", "nan_loss", "nan_loss_from", "nan_grad", "kill_in_save", "hardware"):
     raise SystemExit(f"faulty_train: unknown DSER_FAULT {kind!r}")
 hits_me = os.environ.get("DSER_FAULT_RANK") in (None, os.environ.get("RANK", "0"))
 
@@ -69,6 +72,15 @@ elif kind == "kill_in_save" and hits_me:
         return out
 
     DeepSpeedEngine.save_checkpoint = save_checkpoint
+
+elif kind == "hardware" and hits_me:
+    from dser import precision
+
+    pretend = {"cpu-no-bf16": precision.Hardware(cuda=False, device="pretend CPU", cpu_capability="AVX2"),
+               "cpu-bf16": precision.Hardware(cuda=False, device="pretend CPU", cpu_capability="AVX512",
+                                              cpu_avx512_bf16=True)}[arg]
+    train.detect_hardware = lambda: pretend
+    precision.probe_cpu_matmul = lambda: precision.MatmulProbe(256, fp32_seconds=3e-4, bf16_seconds=1e-4)
 
 if __name__ == "__main__":
     sys.exit(train.main())

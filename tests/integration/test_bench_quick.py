@@ -2,7 +2,9 @@
 
 Timings are not checked (they depend on the machine and its load); structure and the
 quantities that do not depend on speed are: parameter, byte and clip counts, ratios of the
-reference run to itself, two peak-memory readings for two ranks, a baseline whose LoRA trains.
+reference run to itself, two peak-memory readings for two ranks, a baseline whose LoRA trains,
+the precision of every training figure (the one auto picks here) and a bf16-autocast baseline
+only where that precision is bf16.
 """
 
 from __future__ import annotations
@@ -43,9 +45,8 @@ FIELDS = (
     + [f"padding.{case}.{who}.{k}" for case in ("cropped", "whole") for who in ("dser", "random") for k in PADDING]
     + [f"padding.{case}.ratio_dser_to_random" for case in ("cropped", "whole")]
     + [f"peft.{run}.{k}" for run in ("full", "lora", "combination") for k in TRAIN_RUN]
-    + [f"pipeline.{who}.{k}" for who in ("dser", "baseline", "baseline_bf16") for k in PIPELINE_RUN]
-    + ["pipeline.speedup", "pipeline.samples_speedup", "pipeline.speedup_vs_bf16_baseline",
-       "pipeline.baseline.real_fraction"]
+    + [f"pipeline.{who}.{k}" for who in ("dser", "baseline") for k in PIPELINE_RUN]
+    + ["pipeline.speedup", "pipeline.samples_speedup", "pipeline.baseline.real_fraction"]
     + [f"soak.{k}" for k in ("steps", "warmup_steps", "rss_growth", "rss_end_growth", "samples_per_s", "wall_seconds",
                              "readings_per_rank")]
 )
@@ -74,7 +75,10 @@ def test_every_field_is_written(quick):
     results, _ = quick
     assert results["format"] == "dser-bench/1" and results["quick"] is True
     assert results["command"].startswith("dser bench --quick")
-    for dotted in FIELDS:
+    fields = FIELDS
+    if results["pipeline"]["native_bf16"]:
+        fields = [*FIELDS, *(f"pipeline.baseline_bf16.{k}" for k in PIPELINE_RUN), "pipeline.speedup_vs_bf16_baseline"]
+    for dotted in fields:
         value = get(results, dotted)
         assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{dotted} = {value!r}"
         assert math.isfinite(value) and value >= 0, f"{dotted} = {value!r}"
@@ -101,7 +105,7 @@ def test_quantities_that_do_not_depend_on_speed(quick):
     assert peft["full"]["front_end_saved_activation_bytes"] == 0  # the frozen CNN builds no graph
     pipeline = results["pipeline"]
     assert pipeline["baseline_lora_trains"] is True  # the baseline's LoRA is in its graph, every layer
-    for run in pipeline["baseline_runs"] + pipeline["baseline_bf16_runs"]:
+    for run in pipeline["baseline_runs"] + pipeline.get("baseline_bf16_runs", []):
         assert run["layerdrop"] == run["mask_time_prob"] == 0.0  # the config dser's backbone runs
     assert len(pipeline["dser_runs"]) == len(pipeline["baseline_runs"]) == results["sizes"]["rounds"]
     s = results["sharding"]
@@ -113,6 +117,21 @@ def test_quantities_that_do_not_depend_on_speed(quick):
     for key in ("rss_after_warmup_bytes_per_rank", "rss_max_after_warmup_bytes_per_rank", "rss_end_bytes_per_rank"):
         assert len(soak[key]) == 2 and all(v > 100 * 2 ** 20 for v in soak[key]), key  # two ranks, real readings
     assert soak["rss_growth"] >= soak["rss_end_growth"] > 0
+
+
+def test_every_training_figure_is_in_the_precision_auto_picks_and_says_so(quick):
+    results, stdout = quick
+    auto = results["machine"]["auto_precision"]
+    assert auto in ("bf16", "fp16", "fp32") and results["machine"]["auto_precision_reason"].startswith("auto: ")
+    runs = [results["peft"][k] for k in ("full", "lora", "combination")] + results["pipeline"]["dser_runs"]
+    precisions = {r["precision"] for r in runs} | {results["soak"]["precision"]}
+    assert len(precisions) == 1 and all(r["precision_reason"].startswith("auto: ") for r in runs), precisions
+    (used,) = precisions
+    assert results["peft"]["precision"] == results["pipeline"]["dser"]["precision"] == used
+    # the side-by-side bf16-autocast baseline exists exactly where the hardware has native bf16
+    assert results["pipeline"]["native_bf16"] == (auto == "bf16") == ("baseline_bf16_runs" in results["pipeline"])
+    assert f"ZeRO-2 {used}" in stdout and f"precision auto here: {auto} (" in stdout
+    assert ("usual, bf16 autocast" in stdout) == (auto == "bf16")
 
 
 def test_console_tables(quick):

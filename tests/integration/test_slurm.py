@@ -144,6 +144,8 @@ def test_cross_corpus_grid_with_sbatch_wait(slurm, workdir):
     assert (m2["config"]["source"], m2["config"]["target"]) == ("demo-acted", "demo-natural")
     for m in (m1, m2):
         assert all(e["samples"] == 16 for e in m["eval"].values())
+        # srun starts the ranks with no parent process resolving anything: rank 0 decided
+        assert m["precision_reason"].startswith("auto: ") and m["precision"] == m1["precision"]
 
     # the grid job printed the report; dser report writes the table and the heatmap
     assert "| demo-acted | demo-natural |" in log and "dser: grid complete" in log
@@ -155,6 +157,7 @@ def test_cross_corpus_grid_with_sbatch_wait(slurm, workdir):
     assert float(row["stage1_source_ua"]) == pytest.approx(ua[1, "demo-acted"], abs=1e-6)
     assert float(row["stage2_target_ua"]) == pytest.approx(ua[2, "demo-natural"], abs=1e-6)
     assert float(row["target_gain_ua"]) == pytest.approx(ua[2, "demo-natural"] - ua[1, "demo-natural"], abs=1e-6)
+    assert row["stage1_precision"] == row["stage2_precision"] == m1["precision"]
     assert "target_gain.png" in (workdir / "report" / "report.md").read_text()
     import matplotlib.image
     img = matplotlib.image.imread(workdir / "report" / "target_gain.png")
@@ -198,6 +201,9 @@ def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, w
     assert "requeueing job" in log1 and "restart 1" in log1
     assert f"resumed from {run1.relative_to(workdir)}" in log1
     m1 = json.loads((run1 / "metrics.json").read_text())
+    # the requeued job kept the precision the run started in
+    assert m1["precision_reason"].startswith("kept from the run's start: auto: ")
+    assert f"precision: {m1['precision']} (auto: " in log1 and f"precision: {m1['precision']} (kept from" in log1
     m2 = json.loads((workdir / "runs" / "submitted" / "stage2" / "metrics.json").read_text())
     assert m1["steps"] == m2["steps"] == 20
     assert (workdir / m2["init_from"]).resolve() == run1.resolve()

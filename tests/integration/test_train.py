@@ -1,9 +1,11 @@
 """The training recipe through the real DeepSpeed launcher on 2 CPU ranks.
 
 Runs from a temporary working directory holding small synthetic demo shards, with the demo
-run configs shortened by --set overrides. Covers ZeRO-2 and ZeRO-3 in bf16, stage 2 starting
-from stage 1, resume equal to an uninterrupted run, TensorBoard read back with TensorBoard's
-own reader, the peft export, predict vs evaluation, and config errors.
+run configs shortened by --set overrides. Covers ZeRO-2 and ZeRO-3 in the precision ``auto``
+picks here, stage 2 starting from stage 1 (and in another precision), resume equal to an
+uninterrupted run and in the run's own precision on hardware where ``auto`` would pick another,
+ranks that agree on rank 0's precision, TensorBoard read back with TensorBoard's own reader,
+the peft export, predict vs evaluation, and config errors.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from fixtures_shards import write_demo_shards
 
 from dser.launch import launch_command
+from dser.precision import decide_precision, detect_hardware
 from dser.runconfig import default_config_path
 
 pytestmark = pytest.mark.integration
+
+FAULTY = Path(__file__).resolve().parent / "faulty_train.py"
+# What auto picks on this machine, and the other precision a CPU can train in.
+AUTO_HERE = decide_precision("auto", detect_hardware()).name
+OTHER_HERE = "fp32" if AUTO_HERE == "bf16" else "bf16"
+# The faulty_train.py hardware whose auto decision differs from this machine's.
+PRETEND_OTHER = {"bf16": "cpu-no-bf16", "fp32": "cpu-bf16"}
 
 SHORT = ["--set", "optim.max_steps=12", "--set", "optim.warmup_steps=2", "--set", "train.eval_every=6",
          "--set", "train.save_every=6", "--set", "train.log_every=3", "--set", "train.progress=false",
@@ -35,17 +46,32 @@ def workdir(tmp_path_factory) -> Path:
     return write_demo_shards(tmp_path_factory.mktemp("train"))
 
 
-def run_train(cwd: Path, *args: str, ranks: int = 2, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd, env = launch_command(list(args), ranks=ranks)
+def run_train(cwd: Path, *args: str, ranks: int = 2, expect: int = 0, fault: str | None = None,
+              fault_rank: int | None = None) -> subprocess.CompletedProcess:
+    """The recipe through the launcher; with ``fault``, faulty_train.py with DSER_FAULT set."""
+    cmd, env = launch_command(list(args), ranks=ranks, **({"script": FAULTY} if fault else {}))
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    for k in ("DSER_FAULT", "DSER_FAULT_RANK"):
+        env.pop(k, None)
+    if fault:
+        env["DSER_FAULT"] = fault
+    if fault_rank is not None:
+        env["DSER_FAULT_RANK"] = str(fault_rank)
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
 
 
-def stage1(cwd: Path, run: str, *extra: str) -> Path:
-    run_train(cwd, "--stage", "1", "--config", str(default_config_path(1)), *SHORT, "--run-dir", f"runs/{run}", *extra)
+def stage1(cwd: Path, run: str, *extra: str, **kw) -> Path:
+    run_train(cwd, "--stage", "1", "--config", str(default_config_path(1)), *SHORT, "--run-dir", f"runs/{run}",
+              *extra, **kw)
     return cwd / "runs" / run
+
+
+def text_summary(acc, tag: str) -> str:
+    """The string TensorBoard's text tab shows for ``tag`` (its first event)."""
+    from tensorboard.util import tensor_util
+    return tensor_util.make_ndarray(acc.Tensors(tag)[0].tensor_proto).item().decode()
 
 
 def test_stage1_zero2_then_stage2_from_its_weights(workdir):
@@ -57,6 +83,12 @@ def test_stage1_zero2_then_stage2_from_its_weights(workdir):
         assert {"ua", "wa", "macro_f1", "confusion"} <= set(m)
         assert np.asarray(m["confusion"]).sum() == 16  # every test clip exactly once
     assert 0 < m1["params"]["all"]["trainable"] < m1["params"]["all"]["total"]
+    # the precision auto chose, and why: in metrics.json, the run's config.yaml and TensorBoard
+    assert m1["precision"] in ("bf16", "fp32") and m1["precision_reason"].startswith("auto: ")
+    if not detect_hardware().cpu_bf16_features():
+        assert m1["precision"] == "fp32"
+    meta = yaml.safe_load((run1 / "config.yaml").read_text())
+    assert meta["precision"] == {"name": m1["precision"], "reason": m1["precision_reason"], "requested": "auto"}
 
     # TensorBoard, read back with TensorBoard's own reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,12 +101,14 @@ def test_stage1_zero2_then_stage2_from_its_weights(workdir):
     assert [e.step for e in acc.Scalars("valid/ua")] == [6, 12]
     assert "valid/confusion" in tags["images"]
     assert any("config" in t for t in tags["tensors"])
+    assert f"precision: {m1['precision']} ({m1['precision_reason']})" in text_summary(acc, "precision/text_summary")
 
     # stage 2 without --init-from finds the latest stage-1 run; lr 0 keeps the loaded weights
     run_train(workdir, "--stage", "2", "--config", str(default_config_path(2)), *SHORT,
               "--set", "optim.lr=0.0", "--run-dir", "runs/s2")
     m2 = json.loads((workdir / "runs" / "s2" / "metrics.json").read_text())
     assert m2["stage"] == 2 and Path(m2["init_from"]).resolve() == run1.resolve()
+    assert m2["precision"] == m1["precision"]
     for rel in ("adaptors.safetensors", "lora/adapter_model.safetensors"):
         w1 = load_file(run1 / "export" / rel)
         w2 = load_file(workdir / "runs" / "s2" / "export" / rel)
@@ -83,8 +117,42 @@ def test_stage1_zero2_then_stage2_from_its_weights(workdir):
             torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0, msg=k)
 
 
-def test_zero3_bf16_trains_and_exports_for_peft(workdir):
-    run = stage1(workdir, "s1-zero3", "--set", "deepspeed.config=zero3_bf16")
+def test_stage2_in_another_precision_than_its_stage1_says_so(workdir):
+    run1 = workdir / "runs" / "s1-zero2"
+    if not (run1 / "export").is_dir():
+        run1 = stage1(workdir, "s1-zero2")
+    p1 = json.loads((run1 / "metrics.json").read_text())["precision"]
+    other = "fp32" if p1 == "bf16" else "bf16"
+    r = run_train(workdir, "--stage", "2", "--config", str(default_config_path(2)), *SHORT, "--init-from", str(run1),
+                  "--set", "optim.max_steps=2", "--set", f"deepspeed.precision={other}", "--run-dir", "runs/s2-other")
+    assert f"precision: {other} (deepspeed.precision: {other} in the run config)" in r.stdout
+    assert f"note: stage 2 trains in {other}; its stage-1 run {run1.resolve()} trained in {p1} (auto: " in r.stdout
+    assert json.loads((workdir / "runs" / "s2-other" / "metrics.json").read_text())["precision"] == other
+
+
+if OTHER_HERE == "bf16":  # the stage 2 above forces bf16 on this machine
+    test_stage2_in_another_precision_than_its_stage1_says_so = pytest.mark.bf16(
+        test_stage2_in_another_precision_than_its_stage1_says_so)
+
+
+def test_ranks_train_in_rank0s_precision_whatever_their_own_hardware_says(workdir):
+    run1 = workdir / "runs" / "s1-zero2"
+    if not (run1 / "export").is_dir():
+        run1 = stage1(workdir, "s1-zero2")
+    # rank 1 alone sees hardware on which auto picks the other precision: only rank 0 decides,
+    # so the run is the same run as s1-zero2, to the last weight
+    run = stage1(workdir, "agree", fault=f"hardware:{PRETEND_OTHER[AUTO_HERE]}", fault_rank=1)
+    m, m1 = (json.loads((r / "metrics.json").read_text()) for r in (run, run1))
+    assert m["precision"] == m1["precision"]
+    for rel in ("adaptors.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(run1 / "export" / rel), load_file(run / "export" / rel)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_zero3_trains_and_exports_for_peft(workdir):
+    run = stage1(workdir, "s1-zero3", "--set", "deepspeed.config=zero3")
     m = json.loads((run / "metrics.json").read_text())
     assert m["eval"]["acted"]["samples"] == 16
     # the LoRA export loads with peft's own loader onto a bare backbone
@@ -103,12 +171,23 @@ def test_zero3_bf16_trains_and_exports_for_peft(workdir):
     assert any(v.abs().sum() > 0 for k, v in ours.items() if k.startswith("B")), "LoRA B never trained"
 
 
-def test_resume_matches_uninterrupted_run(workdir):
+def test_resume_matches_uninterrupted_run_and_keeps_its_precision_on_other_hardware(workdir):
     full = stage1(workdir, "full")
     part = stage1(workdir, "part", "--set", "train.stop_after_steps=6")
     assert not (part / "metrics.json").exists()
     assert (part / "checkpoints" / "latest").read_text().strip() == "step00000006"
-    run_train(workdir, "--resume", str(part))
+    started = yaml.safe_load((part / "config.yaml").read_text())["precision"]
+    assert started["requested"] == "auto" and started["name"] == json.loads((full / "metrics.json").read_text())[
+        "precision"]
+    # resumed where auto would pick the other precision: it goes on in its own, and says so
+    r = run_train(workdir, "--resume", str(part), fault=f"hardware:{PRETEND_OTHER[started['name']]}")
+    other = "fp32" if started["name"] == "bf16" else "bf16"
+    assert f"precision: {started['name']} (kept from the run's start: {started['reason']})" in r.stdout
+    assert f"warning: resuming in {started['name']}, the precision the run started in; on this machine auto " \
+           f"would pick {other}" in r.stdout
+    m = json.loads((part / "metrics.json").read_text())
+    assert m["precision"] == started["name"]
+    assert m["precision_reason"] == f"kept from the run's start: {started['reason']}"
     for rel in ("adaptors.safetensors", "lora/adapter_model.safetensors"):
         a = load_file(full / "export" / rel)
         b = load_file(part / "export" / rel)

@@ -24,12 +24,16 @@ def dimensional(ccc: float) -> dict:
 
 def write_run(path: Path, stage: int, evals: dict | None, source: str | None = "acted",
               target: str | None = "natural", init_from: str | None = None, recorded: str | None = None,
-              checkpoint: str | None = None) -> Path:
-    """A run directory as the recipe leaves it: config.yaml, and metrics.json when finished."""
+              checkpoint: str | None = None, precision: str | None = "bf16") -> Path:
+    """A run directory as the recipe leaves it: config.yaml, and metrics.json when finished
+    (``precision=None``: as the recipe left them before it recorded the precision)."""
     path.mkdir(parents=True)
     config = {"name": path.name, "source": source, "target": target, "task": "categorical",
               "stage2": {"init_from": init_from}}
-    (path / "config.yaml").write_text(yaml.safe_dump({"stage": stage, "config": config}))
+    meta = {"stage": stage, "config": config}
+    if precision:
+        meta["precision"] = {"name": precision, "reason": "auto: test", "requested": "auto"}
+    (path / "config.yaml").write_text(yaml.safe_dump(meta))
     # a finished run's export holds a config.yaml too; it must not count as a run
     (path / "export").mkdir()
     (path / "export" / "config.yaml").write_text(yaml.safe_dump({"stage": stage, **config}))
@@ -37,9 +41,10 @@ def write_run(path: Path, stage: int, evals: dict | None, source: str | None = "
         (path / "checkpoints").mkdir()
         (path / "checkpoints" / "latest").write_text(checkpoint)
     if evals is not None:
+        extra = {"precision": precision, "precision_reason": "auto: test"} if precision else {}
         (path / "metrics.json").write_text(json.dumps({
             "stage": stage, "run_dir": recorded or str(path), "init_from": init_from, "steps": 10,
-            "config": config, "params": {}, "eval": evals}))
+            "config": config, "params": {}, "eval": evals, **extra}))
     return path
 
 
@@ -61,13 +66,15 @@ def test_one_pair_numbers_markdown_csv_and_heatmap(tmp_path):
     assert v["target_gain_ua"] == pytest.approx(0.2) and v["source_change_ua"] == pytest.approx(-0.05)
 
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| acted | natural | 0.800 | 0.820 | 0.400 | 0.450 | 0.750 | 0.770 | 0.600 | 0.620 | +0.200 | -0.050 |" in md
+    assert "| acted | natural | 0.800 | 0.820 | 0.400 | 0.450 | 0.750 | 0.770 | 0.600 | 0.620 | +0.200 | -0.050 " \
+           "| bf16 |" in md
     assert "![target-domain gain](target_gain.png)" in md and "Runs not in the table" not in md
     assert rep.table() in rep.text()
 
     (line,) = list(csv.DictReader((tmp_path / "out" / "report.csv").read_text().splitlines()))
     assert float(line["stage2_target_ua"]) == 0.6 and float(line["target_gain_ua"]) == pytest.approx(0.2)
     assert line["stage1_run"] == str(s1) and line["stage2_run"] == str(s2)
+    assert line["stage1_precision"] == line["stage2_precision"] == "bf16"
 
     img = matplotlib.image.imread(tmp_path / "out" / "target_gain.png")
     assert img.ndim == 3 and min(img.shape[:2]) > 50
@@ -188,3 +195,22 @@ def test_same_recorded_path_in_two_projects_pairs_within_each(tmp_path, monkeypa
     assert got["p1"][0] == "p1" and got["p1"][1] == pytest.approx(0.1)
     assert got["p2"][0] == "p2" and got["p2"][1] == pytest.approx(0.3)
     assert rep.left_out == []
+
+
+def test_the_precision_of_every_run_is_shown(tmp_path):
+    runs = tmp_path / "runs"
+    s1 = write_run(runs / "s1", 1, {"acted": categorical(0.8), "natural": categorical(0.4)}, precision="bf16")
+    write_run(runs / "s2", 2, {"acted": categorical(0.7), "natural": categorical(0.5)}, init_from=str(s1),
+              precision="fp32")
+    old = write_run(runs / "old1", 1, {"acted": categorical(0.8), "natural": categorical(0.4)}, precision=None)
+    write_run(runs / "old2", 2, {"acted": categorical(0.7), "natural": categorical(0.5)}, init_from=str(old),
+              precision=None)
+    write_run(runs / "running", 1, None, checkpoint="step00000004", precision="fp32")
+    rep = write_report(runs)
+    assert [r.precision() for r in rep.rows] == ["?", "bf16 -> fp32"]  # rows sorted by run; old runs say nothing
+    assert "| bf16 -> fp32 | s1 -> s2 |" in rep.table()
+    lines = list(csv.DictReader((runs / "report.csv").read_text().splitlines()))
+    assert [(x["stage1_precision"], x["stage2_precision"]) for x in lines] == [("", ""), ("bf16", "fp32")]
+    (running,) = rep.left_out
+    assert running.precision == "fp32"  # from config.yaml: the run has not finished
+    assert "| running | 1 | fp32 | no metrics.json" in rep.left_out_table()

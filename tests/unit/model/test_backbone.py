@@ -349,6 +349,7 @@ def test_time_masking_only_when_configured_and_training(name):
         assert not torch.allclose(masked.train()(audio, mask).hidden_states[-1], reference, atol=1e-3)
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize("name", PRESETS)
 def test_bfloat16_backbone_takes_float32_audio(backbones, name):
     """DeepSpeed bf16 casts the module (buffers included) but the batch audio stays float32."""
