@@ -37,8 +37,9 @@ def pytest_runtest_call(item):
 
 
 def pytest_terminal_summary(terminalreporter):
+    """Also under -q (no header): what auto picks here and what the bf16-forced tests cost."""
+    p = _auto_precision()
+    line = f"dser: {p.line()}"
     if _forced["tests"]:
-        p = _auto_precision()
-        terminalreporter.write_line(
-            f"dser: {_forced['tests']} test(s) marked bf16 forced bf16 for {_forced['seconds']:.0f} s "
-            f"(auto picks {p.name} here: {p.reason})")
+        line += f"; {_forced['tests']} test(s) marked bf16 forced bf16 for {_forced['seconds']:.0f} s"
+    terminalreporter.write_line(line)
