@@ -314,6 +314,10 @@ def stage1_run(workdir) -> Path:
      ["config.model.backbone.name:", "does not exist"]),
     ("hub-backbone", ["model.backbone.name=someone/no-such-model"],
      ["config.model.backbone.name:", "download it first"]),
+    ("fp16-on-cpu", ["deepspeed.precision=fp16"],
+     ["config.deepspeed.precision: fp16 needs a GPU and this machine has none", "--set deepspeed.precision=auto"]),
+    ("no-ds-config", ["deepspeed.config=zero9"],
+     ["config.deepspeed.config: 'zero9' is neither a JSON file nor one of zero0, zero1, zero2"]),
 ])
 def test_bad_stage1_configs_fail_in_one_line_before_anything_runs(workdir, name, sets, expected):
     r = train(workdir, *stage1_args(f"bad-{name}"), sets=[*SHORT, *sets], expect=2, timeout=120)
@@ -323,6 +327,21 @@ def test_bad_stage1_configs_fail_in_one_line_before_anything_runs(workdir, name,
         assert e in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     assert not (workdir / "runs" / f"bad-{name}").exists()  # nothing created, nothing computed
+
+
+def test_resuming_an_fp16_run_without_a_gpu_refuses_in_one_line(workdir, stage1_run):
+    # a run that started on a GPU without bf16, moved here: its config.yaml as the recipe wrote it
+    import yaml
+    moved = workdir / "runs" / "from-a-v100"
+    moved.mkdir()
+    meta = yaml.safe_load((stage1_run / "config.yaml").read_text())
+    meta["precision"] = {"name": "fp16", "reason": "auto: Tesla V100 has no native bf16; fp16 with DeepSpeed's "
+                                                   "dynamic loss scaling", "requested": "auto"}
+    (moved / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    r = train(workdir, "--resume", str(moved), sets=[], expect=2, timeout=120)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("dser train: error:")]
+    assert "this run trained in fp16 (auto: Tesla V100" in line and "resume it on a GPU" in line, line
+    assert "Traceback" not in r.stderr and sorted(p.name for p in moved.iterdir()) == ["config.yaml"]
 
 
 def test_stage2_with_another_label_set_needs_new_head(workdir, stage1_run):
