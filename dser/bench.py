@@ -844,21 +844,15 @@ def bench_soak(work: Path, sizes: BenchSizes, ranks: int, log: Callable[[str], N
 
 def machine_info() -> dict:
     """CPU, cores, memory, GPU and load of this machine."""
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from dser.precision import cpu_model, decide_precision, detect_hardware
+
     memory = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 memory = int(line.split()[1]) * 1024
-    from dser.precision import decide_precision, detect_hardware
-
     auto = decide_precision("auto", detect_hardware())
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_bytes": memory, "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "auto_precision": auto.name, "auto_precision_reason": auto.reason,

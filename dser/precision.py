@@ -127,7 +127,8 @@ class Precision:
 # probes
 # ----------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -149,7 +150,7 @@ def detect_hardware() -> Hardware:
     # Private helpers of torch.cpu (they read cpuinfo); treat a torch without them as "no".
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return Hardware(cuda=False, device=_cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    return Hardware(cuda=False, device=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                     cpu_avx512_bf16=bool(avx512_bf16()), cpu_amx=bool(amx()))
 
 
