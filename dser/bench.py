@@ -375,7 +375,7 @@ def bench_padding(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     lengths = iemocap_like_lengths(sizes.padding_clips, seed=7)
     plan_dir = work / "plan-shards"
     _write_plan_shards(plan_dir, lengths)
-    shards = resolve_shards([str(plan_dir)])
+    shards = resolve_shards([str(plan_dir / "*.tar")])  # loose stub tars, no index
     result = {"clips": len(lengths), "median_seconds": float(np.median(lengths)), "mean_seconds": float(lengths.mean()),
               "min_seconds": float(lengths.min()), "max_seconds": float(lengths.max()),
               "max_batch_seconds": d.max_batch_seconds, "bucket_buffer": d.bucket_buffer}

@@ -94,6 +94,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dser.labels import ATTRIBUTES, STYLES, LabelSet, get_label_set
+from dser.schema import INDEX_NAME, ShardError, ShardIndex
 
 log = logging.getLogger(__name__)
 
@@ -208,22 +209,73 @@ class LoaderConfig:
 # shard lists
 # ----------------------------------------------------------------------------------------
 
-def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
-    """Expand shard specs into absolute ``.tar`` paths, sorted within each spec, duplicates dropped.
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard to read, and what its index says about it.
+
+    Attributes:
+        path: absolute path of the ``.tar``.
+        group: where it belongs, for messages: ``<shard dir>/<group>`` or the loose spec.
+        samples: samples its index lists (None for a loose tar: no index).
+    """
+
+    path: str
+    group: str
+    samples: int | None
+
+
+_LOOSE_NOTED: set[str] = set()
+
+
+def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
+    """The shards a directory's index lists (all groups for a corpus directory, one for a group
+    directory), sizes checked and unlisted tars refused; None when no index governs it."""
+    try:
+        found = ShardIndex.find(directory)
+    except ShardError as e:
+        raise DataError(f"shard spec {spec!r}: {e}") from e
+    if found is None:
+        return None
+    index, group = found
+    groups = index.groups if group is None else [group]
+    listed = {index.out / s["path"] for g in groups for s in index.group(g)["shards"]}
+    for path in sorted(directory.rglob("*.tar")):
+        if path not in listed:
+            raise DataError(f"{path}: a .tar that {index.out / INDEX_NAME} does not list; move it out of {directory} "
+                            f"(dser reads exactly the shards its index lists), or re-shard")
+    files = []
+    for g in groups:
+        for s in index.group(g)["shards"]:
+            path = index.out / s["path"]
+            if not path.is_file():
+                raise DataError(f"{path}: listed in {index.out / INDEX_NAME} but missing; run `dser verify {index.out}`")
+            if path.stat().st_size != s["bytes"]:
+                raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
+                                f"run `dser verify {index.out}`")
+            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"])))
+    return files
+
+
+def shard_files(specs: Sequence[str | Path]) -> list[ShardFile]:
+    """Expand shard specs into the shards to read, in spec order, duplicates dropped.
+
+    A directory is read through the index that governs it (``D/index.json`` for a corpus
+    directory, ``D/../index.json`` for a group directory): exactly the shards it lists, each
+    of the listed size; a ``.tar`` under D that the index does not list is an error. A glob
+    matching directories reads each the same way. ``.tar`` files named explicitly (or matched
+    by a glob) are read as they are, without an index, and a one-line note says so.
 
     Args:
-        specs: directories (every ``*.tar`` below, recursively), ``.tar`` files, or globs
-            (``shards/iemocap/Session[1-4]``, ``shards/**/*.tar``); ``~`` is expanded.
-
-    Returns:
-        The shard paths, in spec order.
+        specs: group or corpus directories, ``.tar`` files, or globs (``shards/iemocap/Session[1-4]``,
+            ``shards/x/*.tar``); ``~`` is expanded.
 
     Raises:
-        DataError: a spec that matches no shard, naming it.
+        DataError: a spec that matches no shard, a directory no dser index governs, an old or
+            unreadable index, an unlisted, missing or resized shard — naming it.
     """
     if isinstance(specs, (str, Path)):
         specs = [specs]
-    out: list[str] = []
+    out: list[ShardFile] = []
     seen: set[str] = set()
     for spec in specs:
         text = os.path.expanduser(str(spec))
@@ -234,21 +286,36 @@ def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
         else:
             raise DataError(f"shard spec {str(spec)!r}: no such file or directory "
                             f"(give shard group directories, .tar files or globs; make shards with `dser shard`)")
-        found: list[Path] = []
+        found: list[ShardFile] = []
+        loose = 0
         for m in matches:
             if m.is_dir():
-                found.extend(sorted(m.rglob("*.tar")))
+                files = _indexed_files(m.absolute(), str(spec))
+                if files is None:
+                    raise DataError(f"shard spec {str(spec)!r}: {m} has no {INDEX_NAME} in it or its parent, so no "
+                                    f"dser index says what to read there; make it with `dser shard`, or name the "
+                                    f"tars ({m}/*.tar) to read them as they are")
+                found.extend(files)
             elif m.is_file() and m.suffix == ".tar":
-                found.append(m)
+                found.append(ShardFile(str(m.resolve()), str(spec), None))
+                loose += 1
         if not found:
             raise DataError(f"shard spec {str(spec)!r} matches no .tar shards; "
                             f"point it at a directory written by `dser shard` or at .tar files")
-        for p in found:
-            key = str(p.resolve())
-            if key not in seen:
-                seen.add(key)
-                out.append(key)
+        if loose and str(spec) not in _LOOSE_NOTED:
+            _LOOSE_NOTED.add(str(spec))
+            log.warning("shard spec %r: %d loose .tar file(s) read as they are (no index: no listed counts, no "
+                        "size checks, no balance guarantees)", str(spec), loose)
+        for f in found:
+            if f.path not in seen:
+                seen.add(f.path)
+                out.append(f)
     return out
+
+
+def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
+    """The absolute ``.tar`` paths of ``shard_files(specs)``, in order."""
+    return [f.path for f in shard_files(specs)]
 
 
 def resolve_rank(cfg: LoaderConfig) -> tuple[int, int]:
@@ -419,6 +486,8 @@ class _Planner:
         self.styles = set(cfg.styles) if cfg.styles else None
         self.bad: list[str] = []
         self._damaged: set[str] = set()
+        self.read: dict[str, int] = {}  # shard url → samples read from it with both members and a parsable JSON
+        self.unreadable: dict[str, int] = {}  # shard url → samples noted in ``bad`` instead
 
     def shard_damaged(self, exn: Exception) -> bool:
         """webdataset handler for training: note a truncated or unreadable shard (once) and go
@@ -437,6 +506,7 @@ class _Planner:
             if "json" not in s or "flac" not in s:
                 missing = "json" if "json" not in s else "flac"
                 self.bad.append(f"{key}: no {key}.{missing} in {url}")
+                self.unreadable[url] = self.unreadable.get(url, 0) + 1
                 continue
             try:
                 meta = json.loads(s["json"])
@@ -449,7 +519,9 @@ class _Planner:
                     raise KeyError(f"no {', '.join(missing)}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 self.bad.append(f"{key}: unreadable {key}.json in {url} ({type(e).__name__}: {e})")
+                self.unreadable[url] = self.unreadable.get(url, 0) + 1
                 continue
+            self.read[url] = self.read.get(url, 0) + 1
             if self.styles is not None and meta.get("style") not in self.styles:
                 continue
             emotion = cfg.label_set.index(meta.get("emotion")) if cfg.label_set is not None else None
@@ -557,12 +629,15 @@ class ShardStream(IterableDataset):
     returns them in plan order.
     """
 
-    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int,
+    def __init__(self, cfg: LoaderConfig, shards: Sequence[str | ShardFile], rank: int, world_size: int,
                  epoch: int, skip: int):
         super().__init__()
-        self.cfg, self.shards = cfg, shards
+        files = [f if isinstance(f, ShardFile) else ShardFile(str(f), str(f), None) for f in shards]
+        self.cfg, self.shards = cfg, [f.path for f in files]
+        self.listed = {f.path: f for f in files}
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = epoch, skip
+        self.shortfalls: list[str] = []  # set when a plan has run: groups that yielded fewer samples than listed
 
     def plan(self) -> Iterator[_PlannedBatch]:
         """The rank's batches for the epoch, undecoded, in order."""
@@ -591,6 +666,24 @@ class ShardStream(IterableDataset):
             yield _PlannedBatch(clips_, bad)
         if planner.bad:  # corrupt samples after the last batch: nobody else will report them
             yield _PlannedBatch([], planner.bad)
+        self.shortfalls = self._shortfalls(urls[self.rank::self.world_size], planner)
+
+    def _shortfalls(self, urls: list[str], planner: _Planner) -> list[str]:
+        """Groups whose shards yielded fewer samples than their index lists, one line each."""
+        per_group: dict[str, list[int]] = {}
+        for url in urls:
+            listed = self.listed[url]
+            if listed.samples is None:
+                continue
+            counts = per_group.setdefault(listed.group, [0, 0, 0])
+            counts[0] += planner.read.get(url, 0)
+            counts[1] += listed.samples
+            counts[2] += planner.unreadable.get(url, 0)
+        where = f"rank {self.rank}: " if self.world_size > 1 else ""
+        return [f"{where}{group}: epoch {self.epoch} read {read} of the {listed} samples its index lists "
+                f"({bad} unreadable, reported above; {listed - read - bad} never seen: a damaged or cut shard?); "
+                f"run `dser verify`"
+                for group, (read, listed, bad) in per_group.items() if read < listed]
 
     def _load(self, clip: _Clip) -> dict:
         cfg = self.cfg
@@ -624,6 +717,9 @@ class ShardStream(IterableDataset):
             batch = collate(samples, self.cfg.sample_rate)
             batch.update(epoch=self.epoch, index=index, bad_samples=bad)
             yield batch
+        if worker == 0:  # every worker planned the same epoch; one says what fell short
+            for line in self.shortfalls:
+                log.warning("%s", line)
 
 
 def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> DataLoader:
@@ -641,7 +737,7 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     Raises:
         DataError: a shard spec matching nothing, or (training) fewer shards than ranks.
     """
-    shards = resolve_shards(cfg.shards)
+    shards = shard_files(cfg.shards)
     rank, world_size = resolve_rank(cfg)
     if cfg.train and len(shards) < world_size:
         raise DataError(f"{len(shards)} training shard(s) in {cfg.shards} for {world_size} ranks: every rank "

@@ -20,6 +20,7 @@ from dser.corpora import read_corpus
 from dser.corpora.synthetic import synthesize
 from dser.launch import launch_training
 from dser.runconfig import default_config_path
+from dser.schema import FORMAT, INDEX_NAME, read_index_json
 from dser.shards import build_shards
 
 DEMO_SIZES = {"acted": dict(utterances=800, speakers=10, seed=1), "natural": dict(utterances=800, speakers=10, seed=2)}
@@ -36,13 +37,16 @@ def prepare_demo_shards(data_dir: Path = Path("data/demo"), shards_dir: Path = P
     for style, sizes in DEMO_SIZES.items():
         shard_dir = shards_dir / f"demo-{style}"
         out[style] = shard_dir
-        if (shard_dir / "index.json").is_file() and not fresh:
+        found = read_index_json(shard_dir / INDEX_NAME)
+        if found is not None and found["format"] == FORMAT and not fresh:
             print(f"reusing {shard_dir} (pass --fresh to regenerate)")
             continue
+        if found is not None and found["format"] != FORMAT:
+            print(f"re-sharding {shard_dir}: written by an older dser ({found['format']}, this one reads {FORMAT})")
         sizes = dict(sizes, utterances=utterances or sizes["utterances"])
         manifest = synthesize(data_dir / style, style, **sizes)
         listing = read_corpus("manifest", manifest)
-        build_shards(listing, shard_dir, corpus=f"demo-{style}", root=manifest, overwrite=True,
+        build_shards(listing, shard_dir, corpus=f"demo-{style}", root=manifest, overwrite=True, reader="manifest",
                      max_shard_samples=64, workers=2)
     return out
 

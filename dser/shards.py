@@ -76,9 +76,10 @@ import soxr
 from dser import __version__
 from dser.corpora import Listing, Record, Skip
 from dser.labels import EMOTIONS, STYLES
+from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table,
+                         group_summary, read_index_json, sha256_file, table_row, upgrade_command)
 
-FORMAT = "dser-shards/1"
-INDEX_NAME = "index.json"
+__all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "build_shards", "shard_key"]
 
 # --max-shard-mb counts mebibytes, as `du -h` and `ls -lh` show them.
 _MB = 1 << 20
@@ -93,10 +94,8 @@ _SAMPLE_WIDTH = {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "P
 # How many skips the printed summary and a --strict error list before "… and N more".
 _SHOW_SKIPS = 10
 
-
-class ShardError(Exception):
-    """Shards cannot be built or read as asked (OUT exists, --strict with skipped inputs, a
-    bad option, a missing or foreign index.json); the message says what to do."""
+# A clip with more than this share of its samples clipped to 16-bit full scale is skipped.
+MAX_CLIPPED = 0.01
 
 
 def shard_key(utt_id: str) -> str:
@@ -104,129 +103,7 @@ def shard_key(utt_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", utt_id)
 
 
-# ───────────────────────────── index.json ─────────────────────────────
-
-
-@dataclass
-class ShardIndex:
-    """A shard directory's ``index.json`` and where it lives.
-
-    Attributes:
-        out: the shard directory (the one holding ``index.json``).
-        data: the parsed ``index.json`` (schema in the module docstring and the README).
-    """
-
-    out: Path
-    data: dict
-
-    @classmethod
-    def load(cls, out: str | Path) -> "ShardIndex":
-        """Read ``OUT/index.json`` (``out`` may also name the ``index.json`` itself).
-
-        Raises:
-            ShardError: no index there, not JSON, or not a dser shard index.
-        """
-        out = Path(out).expanduser()
-        path = out if out.name == INDEX_NAME and out.is_file() else out / INDEX_NAME
-        if not path.is_file():
-            raise ShardError(f"no {INDEX_NAME} in {path.parent}; make shards there with `dser shard`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ShardError(f"{path}: cannot be read as JSON ({e}); rebuild it with `dser shard --overwrite`") from e
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("groups"), dict):
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ShardError(f"{path}: not a dser shard index (format {found!r}, expected {FORMAT!r}); "
-                             f"rebuild it with `dser shard --overwrite`")
-        return cls(path.parent, data)
-
-    def save(self, out: str | Path | None = None) -> Path:
-        """Write ``index.json`` atomically (a temporary file renamed into place) and fsync it.
-
-        Args:
-            out: the directory to write into; defaults to ``self.out``.
-
-        Returns:
-            The path written.
-        """
-        out = Path(out) if out is not None else self.out
-        path = out / INDEX_NAME
-        tmp = out / f".{INDEX_NAME}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
-
-    @property
-    def corpus(self) -> str:
-        return self.data["corpus"]
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.data["sample_rate"])
-
-    @property
-    def options(self) -> dict:
-        return dict(self.data.get("options", {}))
-
-    @property
-    def groups(self) -> list[str]:
-        """Group names, in index order (sorted by name when written by ``build_shards``)."""
-        return list(self.data["groups"])
-
-    def group(self, name: str) -> dict:
-        """One group's entry: ``shards``, ``samples``, ``hours``, ``emotions``, ``styles``.
-
-        Raises:
-            ShardError: unknown group, naming the groups there are.
-        """
-        if name not in self.data["groups"]:
-            raise ShardError(f"{self.out}: no shard group {name!r}; groups: {', '.join(self.groups) or 'none'}")
-        return self.data["groups"][name]
-
-    def shard_paths(self, group: str | None = None) -> list[Path]:
-        """Shard files of one group (or of every group, in index order), under ``self.out``."""
-        names = [group] if group is not None else self.groups
-        return [self.out / s["path"] for g in names for s in self.group(g)["shards"]]
-
-    @property
-    def totals(self) -> dict:
-        """``samples``, ``hours``, ``emotions`` and ``styles`` over all groups."""
-        return self.data["totals"]
-
-    @property
-    def skipped(self) -> list[Skip]:
-        """Every input left out, with its reason."""
-        return [Skip(s["input"], s["reason"]) for s in self.data.get("skipped", [])]
-
-    def verify(self) -> list[str]:
-        """Check every shard file against its recorded size and sha256.
-
-        Returns:
-            One line per problem (missing file, wrong size, wrong sha256); empty when all match.
-        """
-        problems = []
-        for g in self.groups:
-            for s in self.group(g)["shards"]:
-                path = self.out / s["path"]
-                if not path.is_file():
-                    problems.append(f"{path}: missing")
-                elif path.stat().st_size != s["bytes"]:
-                    problems.append(f"{path}: {path.stat().st_size} bytes, index says {s['bytes']}")
-                elif _sha256(path) != s["sha256"]:
-                    problems.append(f"{path}: sha256 differs from the index (corrupt or replaced)")
-        return problems
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 # ───────────────────────────── encoding (worker side) ─────────────────────────────
@@ -260,11 +137,12 @@ def _wav_data_frames(path: str, subtype: str, channels: int) -> int | None:
             f.seek(size + (size & 1), os.SEEK_CUR)
 
 
-def _to_int16(path: str, sample_rate: int) -> np.ndarray:
+def _to_int16(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
     """Decode ``path`` to mono int16 at ``sample_rate``.
 
     Returns:
-        (T,) int16 samples.
+        (T,) int16 samples, and how many of them had to be clipped to 16-bit full scale
+        (float input above 0 dBFS, or resampler overshoot).
 
     Raises:
         _BadAudio: missing, unreadable, empty, truncated or non-finite audio.
@@ -295,43 +173,49 @@ def _to_int16(path: str, sample_rate: int) -> np.ndarray:
         raise _BadAudio(f"truncated audio: the header promises {promised} samples, "
                         f"the file holds {len(data)}")
     if exact:
-        return data[:, 0]
+        return data[:, 0], 0
     if not np.isfinite(data).all():
         raise _BadAudio("non-finite samples (NaN or inf) in the audio")
     x = data.mean(axis=1)  # (T,) down-mix: the mean keeps the level of correlated channels
     if sr_in != sample_rate:
         x = soxr.resample(x, sr_in, sample_rate, quality="HQ")  # (T',)
-    # round(x * 32768) inverts the loader's int16 / 32768; clipping absorbs resampler overshoot.
-    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+    # round(x * 32768) inverts the loader's int16 / 32768; what lies past full scale is clipped
+    # (and counted: float input above 0 dBFS, resampler overshoot).
+    x = np.round(x * 32768.0)
+    clipped = int(np.count_nonzero((x > 32767) | (x < -32768)))
+    return np.clip(x, -32768, 32767).astype(np.int16), clipped
 
 
-def _encode(task: tuple[str, int, float]) -> tuple[bytes, float] | str:
+def _encode(task: tuple[str, int, float, float]) -> tuple[bytes, float, int] | str:
     """Worker entry point (top level, so spawned processes can import it).
 
     Args:
-        task: ``(path, sample_rate, min_duration)``.
+        task: ``(path, sample_rate, min_duration, max_clipped)``.
 
     Returns:
-        ``(flac_bytes, duration_seconds)``, or the reason the input is skipped.
+        ``(flac_bytes, duration_seconds, clipped_samples)``, or the reason the input is skipped.
     """
-    path, sample_rate, min_duration = task
+    path, sample_rate, min_duration, max_clipped = task
     try:
-        audio = _to_int16(path, sample_rate)  # (T,) int16
+        audio, clipped = _to_int16(path, sample_rate)  # (T,) int16
         duration = len(audio) / sample_rate
         if duration < min_duration:
             raise _BadAudio(f"too short: {duration:.3f} s (< min_duration {min_duration:g} s)")
         if not audio.any():
             raise _BadAudio("silent audio: every sample is zero")
+        if clipped > max_clipped * len(audio):
+            raise _BadAudio(f"clipped: {clipped} of {len(audio)} samples ({clipped / len(audio):.1%}) lie past "
+                            f"full scale (> --max-clipped {max_clipped:g}); lower its level, or raise --max-clipped")
         buf = io.BytesIO()
         sf.write(buf, audio, sample_rate, format="FLAC", subtype="PCM_16")
-        return buf.getvalue(), duration
+        return buf.getvalue(), duration, clipped
     except _BadAudio as e:
         return str(e)
     except (ValueError, OSError, RuntimeError) as e:  # soxr, file system, libsndfile on odd input
         return f"could not encode audio ({type(e).__name__}: {e})"
 
 
-def _encode_all(tasks: list[tuple[str, int, float]], workers: int) -> Iterator[tuple[bytes, float] | str]:
+def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Iterator[tuple[bytes, float, int] | str]:
     """Encode in input order, in this process or a pool of spawned ones."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode, tasks)
@@ -373,8 +257,10 @@ class _TarShardWriter:
         self.group: str | None = None
         self.shards: dict[str, list[dict]] = {}  # group → index entries of its closed shards
         self.records: dict[str, list[Record]] = {}  # group → records written
+        self.rows: dict[str, list[dict]] = {}  # group → per-sample table rows
+        self.tables: dict[str, dict] = {}  # group → index entry of its written table
 
-    def add(self, record: Record, flac: bytes, duration: float) -> None:
+    def add(self, record: Record, flac: bytes, duration: float, clipped: int = 0) -> None:
         key = shard_key(record.utt_id)
         labels = record.labels()
         labels["duration"] = duration
@@ -382,17 +268,22 @@ class _TarShardWriter:
         members = [(_member(f"{key}.flac", len(flac)), flac), (_member(f"{key}.json", len(meta)), meta)]
         if record.group != self.group:
             self._close()
+            self._write_table()
             self.group = record.group
-            self.shards[record.group], self.records[record.group] = [], []
+            self.shards[record.group], self.records[record.group], self.rows[record.group] = [], [], []
         elif self.tar is not None and self._would_overflow(members):
             self._close()
         if self.tar is None:
             self._open()
+        spans = []
         for info, payload in members:
+            start = self.tar.offset
             self.tar.addfile(info, io.BytesIO(payload))
+            spans.append((start, self.tar.offset - start))  # header, data and padding
         self.current["samples"] += 1
         self.current["seconds"] += duration
         self.records[record.group].append(record)
+        self.rows[record.group].append(table_row(labels, key, Path(self.current["path"]).name, *spans, clipped))
 
     def _would_overflow(self, members) -> bool:
         if self.max_samples is not None and self.current["samples"] >= self.max_samples:
@@ -424,16 +315,31 @@ class _TarShardWriter:
         self.shards[self.group].append(self.current)
         self.tar = None
 
+    def _write_table(self) -> None:
+        """Write the finished group's per-sample table beside its shards (fsynced)."""
+        if self.group is None or self.group in self.tables:
+            return
+        rel = f"{self.group}/{TABLE_NAME}"
+        data = encode_table(self.rows[self.group])
+        with open(self.out / rel, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.tables[self.group] = {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                   "rows": len(self.rows[self.group])}
+
     def close(self) -> dict[str, dict]:
-        """Finish the open shard; returns the ``groups`` section of ``index.json``."""
+        """Finish the open shard and table; returns the ``groups`` section of ``index.json``."""
         self._close()
+        self._write_table()
         groups = {}
         for g, shards in self.shards.items():
             recs = self.records[g]
-            groups[g] = {"shards": shards, "samples": len(recs),
+            groups[g] = {"shards": shards, "table": self.tables[g], "samples": len(recs),
                          "hours": round(sum(s["seconds"] for s in shards) / 3600, 6),
                          "emotions": _label_counts(r.emotion for r in recs),
-                         "styles": _label_counts(r.style for r in recs)}
+                         "styles": _label_counts(r.style for r in recs),
+                         **group_summary(self.rows[g])}
         return groups
 
     def abort(self) -> None:
@@ -467,18 +373,64 @@ def _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, w
         raise ShardError(f"--workers must be a positive integer, got {workers!r}")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Fail before any work when publishing to ``out`` would be refused."""
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _check_out(out: Path, overwrite: bool, protected: list[tuple[str, Path]] = ()) -> None:
+    """Fail before any work when publishing to ``out`` would be refused.
+
+    ``--overwrite`` replaces OUT only when dser wrote it: its ``index.json`` carries dser's format
+    marker and OUT holds nothing the index does not list. OUT is never, and never contains, one of
+    ``protected`` (the current directory, ``$HOME``, ROOT, the corpus's files).
+    """
+    names = {os.path.abspath(out)}
+    if os.path.exists(out):
+        names.add(os.path.realpath(out))
+    for what, path in protected:
+        # Each input only as named (realpath for 100k clips costs seconds); the rest resolved too.
+        for p in {os.path.abspath(path)} if what == "the corpus file" else {os.path.abspath(path), os.path.realpath(path)}:
+            hit = next((n for n in names if _inside(p, n)), None)
+            if hit is not None:
+                raise ShardError(f"OUT {out} is or contains {what} {path}; refusing to write there (replacing OUT "
+                                 f"would delete it): choose another OUT, e.g. shards/<corpus>")
+    if out.is_symlink():
+        raise ShardError(f"OUT {out} is a symbolic link; give the directory itself, or choose another OUT")
     if not out.exists():
         return
     if not out.is_dir():
         raise ShardError(f"OUT {out} is a file, not a directory; choose another OUT")
     if not overwrite:
         raise ShardError(f"OUT {out} already exists; pass --overwrite to replace it, or choose another OUT")
-    # --overwrite deletes OUT, so only ever delete something that is a shard directory.
-    if not (out / INDEX_NAME).is_file() and any(out.iterdir()):
-        raise ShardError(f"OUT {out} is not empty and holds no {INDEX_NAME}, so it is not a shard "
-                         f"directory; refusing to replace it (remove it yourself or choose another OUT)")
+    if not any(out.iterdir()):
+        return
+    # --overwrite deletes OUT, so only ever replace what dser wrote, and all of it.
+    data = read_index_json(out / INDEX_NAME)
+    if data is None:
+        raise ShardError(f"OUT {out} is not a dser shard directory ({out / INDEX_NAME} is missing, unreadable or "
+                         f"not dser's); refusing to replace it: remove it yourself or choose another OUT")
+    listed = ShardIndex(out, data).listed_files()
+    groups = {p.parent for p in listed if p.parent != Path(".")}
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel = Path(dirpath).relative_to(out)
+        for name in sorted(dirnames):
+            if (out / rel / name).is_symlink() or rel / name not in groups:
+                raise ShardError(f"OUT {out} holds {out / rel / name}, which its {INDEX_NAME} does not list; refusing "
+                                 f"to replace OUT (move that out, or choose another OUT)")
+        for name in sorted(filenames):
+            path = rel / name
+            if (out / path).is_symlink() or (path not in listed and not (
+                    rel == Path(".") and name.startswith(f".{INDEX_NAME}.tmp-"))):
+                raise ShardError(f"OUT {out} holds {out / path}, which its {INDEX_NAME} does not list; refusing "
+                                 f"to replace OUT (move that file out, or choose another OUT)")
+
+
+def _protected(listing: Listing, root: Path) -> list[tuple[str, Path]]:
+    """What OUT must never be or contain: the current directory, $HOME, ROOT, every input."""
+    paths = [("the current directory", Path.cwd()), ("your home directory", Path.home()), ("ROOT", Path(root))]
+    paths += [("the corpus file", Path(r.path)) for r in listing.records]
+    paths += [("the corpus file", Path(s.input)) for s in listing.skipped if os.path.isabs(s.input)]
+    return paths
 
 
 def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
@@ -520,9 +472,9 @@ def _partial_dir(out: Path) -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool, protected: list[tuple[str, Path]]) -> None:
     """Rename the finished ``tmp`` to ``out``, moving an old ``out`` aside first."""
-    _check_out(out, overwrite)  # again: OUT may have appeared while we were encoding
+    _check_out(out, overwrite, protected)  # again: OUT may have changed while we were encoding
     if not out.exists():
         os.rename(tmp, out)
     else:
@@ -554,8 +506,9 @@ def _format_skips(skipped: list[Skip], limit: int | None) -> list[str]:
 
 def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample_rate: int = 16000,
                  max_shard_mb: float = 256.0, max_shard_samples: int | None = None,
-                 min_duration: float = 0.25, workers: int = 1, overwrite: bool = False,
-                 strict: bool = False, progress: bool = True) -> ShardIndex:
+                 min_duration: float = 0.25, max_clipped: float = MAX_CLIPPED, workers: int = 1,
+                 overwrite: bool = False, strict: bool = False, progress: bool = True,
+                 reader: str | None = None) -> ShardIndex:
     """Encode a corpus listing into WebDataset shards and ``index.json`` (atomically).
 
     Args:
@@ -567,24 +520,32 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         max_shard_mb: start a new shard before one would pass this many MiB.
         max_shard_samples: start a new shard past this many samples (None: no limit).
         min_duration: clips shorter than this (seconds, after conversion) are skipped.
+        max_clipped: clips with more than this share of samples past 16-bit full scale
+            (float input above 0 dBFS) are skipped; below it they are clipped and counted.
         workers: encoding processes; the output is byte-identical for any value. They are
             spawned, so a script calling this with ``workers > 1`` needs the usual
             ``if __name__ == "__main__":`` guard.
-        overwrite: replace an existing OUT (only one holding an ``index.json``, or empty).
+        overwrite: replace an existing OUT: only an empty one, or one dser wrote (a dser
+            ``index.json`` and nothing it does not list).
         strict: raise instead of publishing when any input was skipped.
         progress: show a tqdm bar (utterances/s, × real time) on stderr.
+        reader: the ``dser shard`` reader that made ``listing`` (recorded, so that messages can
+            name the command that rewrites OUT); defaults to ``corpus``.
 
     Returns:
         The published index.
 
     Raises:
-        ShardError: a bad option; OUT exists (without ``overwrite``) or is not a shard
-            directory; a group name unfit for a directory; nothing left to shard; ``strict``
+        ShardError: a bad option; OUT exists (without ``overwrite``) or is not wholly a shard
+            directory; OUT is or contains the current directory, $HOME, ROOT or an input; a group name unfit for a directory; nothing left to shard; ``strict``
             with skipped inputs (naming them). OUT is untouched in every case.
     """
     _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers)
+    if not 0 <= max_clipped <= 1:
+        raise ShardError(f"--max-clipped must be a fraction in [0, 1], got {max_clipped!r}")
     out = Path(out).expanduser().absolute()
-    _check_out(out, overwrite)
+    protected = _protected(listing, root)
+    _check_out(out, overwrite, protected)
     records, id_skips = _plan(listing)
     skipped = [*listing.skipped, *id_skips]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -599,7 +560,7 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
     try:
-        tasks = [(str(r.path), sample_rate, min_duration) for r in records]
+        tasks = [(str(r.path), sample_rate, min_duration, max_clipped) for r in records]
         # closing(): on an error below, the pool is torn down now, not whenever GC gets to it.
         with closing(_encode_all(tasks, workers)) as results, \
                 tqdm(total=len(records), unit="utt", desc=f"shard {corpus}", file=sys.stderr,
@@ -633,19 +594,21 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
             "dser_version": __version__,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sample_rate": sample_rate,
-            "options": {"sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
+            "options": {"reader": reader or corpus, "sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
                         "max_shard_samples": max_shard_samples, "min_duration": min_duration,
-                        "workers": workers, "overwrite": overwrite, "strict": strict},
+                        "max_clipped": max_clipped, "workers": workers, "overwrite": overwrite,
+                        "strict": strict},
             "groups": groups,
             "totals": {"samples": len(all_records),
                        "hours": round(sum(s["seconds"] for g in groups.values() for s in g["shards"]) / 3600, 6),
                        "shards": sum(len(g["shards"]) for g in groups.values()),
                        "emotions": _label_counts(r.emotion for r in all_records),
-                       "styles": _label_counts(r.style for r in all_records)},
+                       "styles": _label_counts(r.style for r in all_records),
+                       "clipped": {k: sum(g["clipped"][k] for g in groups.values()) for k in ("samples", "clips")}},
             "skipped": [{"input": s.input, "reason": s.reason} for s in skipped],
         })
         index.save(tmp)  # last: a directory with index.json is a finished one
-        _publish(tmp, out, overwrite)
+        _publish(tmp, out, overwrite, protected)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -656,6 +619,12 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
              f"{t['hours']:.2f} h, in {time.monotonic() - started:.1f} s"]
     lines += [f"  {g}: {e['samples']} samples, {e['hours']:.2f} h, {len(e['shards'])} shard(s)"
               for g, e in groups.items()]
+    clipped = t["clipped"]
+    too_clipped = sum(s.reason.startswith("clipped:") for s in skipped)
+    if clipped["clips"] or too_clipped:
+        lines.append(f"clipped: {clipped['clips']} clip(s) kept with samples past full scale ({clipped['samples']} "
+                     f"samples in all, counted per clip in the tables); {too_clipped} skipped over "
+                     f"--max-clipped {max_clipped:g}")
     if skipped:
         lines.append(f"skipped {len(skipped)} input(s) (all listed in {out / INDEX_NAME}):")
         lines += _format_skips(skipped, _SHOW_SKIPS)

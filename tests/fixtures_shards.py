@@ -11,6 +11,7 @@ sharder. Import it as a plain function (``tests/`` is on ``sys.path`` because of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import webdataset as wds
+
+from dser.schema import encode_table, group_summary, scan_tar, sha256_file, table_row
 
 DEFAULT_EMOTIONS = ("neutral", "happy", "angry", "sad", "excited", "fear", None)
 
@@ -38,7 +41,7 @@ def write_test_shards(out: Path, n_samples: int, n_shards: int, *, group: str = 
                       seed: int = 0, durations: list[float] | tuple[float, float] = (0.3, 1.5),
                       emotions=DEFAULT_EMOTIONS, styles=("acted", "natural"),
                       corrupt: set[int] = frozenset(), sample_rate: int = 16000,
-                      prefix: str = "") -> list[dict]:
+                      prefix: str = "", old_format: bool = False) -> list[dict]:
     """Write ``n_samples`` generated clips into ``n_shards`` tar shards of one group.
 
     Args:
@@ -52,6 +55,9 @@ def write_test_shards(out: Path, n_samples: int, n_shards: int, *, group: str = 
         corrupt: clip indices whose .flac holds garbage bytes.
         sample_rate: the audio rate written.
         prefix: prepended to utt_ids (to keep several groups' ids distinct).
+        old_format: write a ``dser-shards/1`` index (no per-sample tables), as older dser did.
+
+    Calling it again on the same ``out`` with another group adds that group to the index.
 
     Returns:
         One dict per clip: the JSON labels plus ``audio`` (the int16 samples written).
@@ -87,9 +93,31 @@ def write_test_shards(out: Path, n_samples: int, n_shards: int, *, group: str = 
                 flac = b"not a flac file at all" * 10 if i in corrupt else flac_bytes(r["audio"], sample_rate)
                 sink.write({"__key__": shard_key(r["utt_id"]), "flac": flac,
                             "json": json.dumps(meta).encode()})
-        shard_entries.append({"path": f"{group}/{path.name}", "samples": int(bounds[k + 1] - bounds[k])})
-    index = {"format": "dser-shards/1", "corpus": "testcorpus", "sample_rate": sample_rate,
-             "groups": {group: {"shards": shard_entries, "samples": n_samples}}}
+        shard_entries.append({"path": f"{group}/{path.name}", "samples": int(bounds[k + 1] - bounds[k]),
+                              "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                              "seconds": round(sum(r["duration"] for r in records[bounds[k]:bounds[k + 1]]), 3)})
+    if old_format:
+        index = {"format": "dser-shards/1", "corpus": "testcorpus", "root": str(out), "sample_rate": sample_rate,
+                 "groups": {group: {"shards": shard_entries, "samples": n_samples}}}
+        (out / "index.json").write_text(json.dumps(index))
+        return records
+    # The per-sample table, from the tars as written (dser.schema.scan_tar finds the members).
+    rows = []
+    for k, entry in enumerate(shard_entries):
+        spans = {m["name"]: (m["offset"], m["size"]) for m in scan_tar(out / entry["path"])}
+        for r in records[bounds[k]:bounds[k + 1]]:
+            key = shard_key(r["utt_id"])
+            rows.append(table_row(r, key, Path(entry["path"]).name, spans[f"{key}.flac"], spans[f"{key}.json"], 0))
+    table = encode_table(rows)
+    (out / group / "samples.jsonl").write_bytes(table)
+    old = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
+    groups = old.get("groups", {}) if old.get("format") == "dser-shards/2" else {}
+    groups[group] = {"shards": shard_entries, "samples": n_samples,
+                     "table": {"path": f"{group}/samples.jsonl", "sha256": hashlib.sha256(table).hexdigest(),
+                               "bytes": len(table), "rows": len(rows)},
+                     **group_summary(rows)}
+    index = {"format": "dser-shards/2", "corpus": "testcorpus", "root": str(out), "sample_rate": sample_rate,
+             "options": {"reader": "testcorpus"}, "groups": dict(sorted(groups.items()))}
     (out / "index.json").write_text(json.dumps(index))
     return records
 

@@ -292,14 +292,17 @@ def test_resolve_shards(tmp_path):
 def test_corrupt_samples_are_skipped_and_reported_once(tmp_path):
     records = write_test_shards(tmp_path, 20, 2, corrupt={3})
     # A sample whose JSON duration disagrees with its audio, and one without audio.
-    with wds.TarWriter(str(tmp_path / "fold0" / "fold0-000002.tar")) as sink:
+    # (A tar the index does not list: named explicitly, read as it is.)
+    (tmp_path / "loose").mkdir()
+    with wds.TarWriter(str(tmp_path / "loose" / "extra.tar")) as sink:
         good = records[0]
         buf = io.BytesIO()
         sf.write(buf, good["audio"], SR, format="FLAC", subtype="PCM_16")
         meta = {**{k: v for k, v in good.items() if k != "audio"}, "utt_id": "liar", "duration": 9.0}
         sink.write({"__key__": "liar", "flac": buf.getvalue(), "json": json.dumps(meta).encode()})
         sink.write({"__key__": "mute", "json": json.dumps({**meta, "utt_id": "mute"}).encode()})
-    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, max_batch_seconds=12.0, num_workers=2)
+    cfg = LoaderConfig(shards=[str(tmp_path / "fold0"), str(tmp_path / "loose" / "extra.tar")], require=None, train=False,
+                       max_batch_seconds=12.0, num_workers=2)
     batches = read_all(cfg)
     got = {u for b in batches for u in b["utt_id"]}
     assert got == {r["utt_id"] for r in records} - {records[3]["utt_id"]}
@@ -320,28 +323,39 @@ def test_a_truncated_shard_fails_evaluation_with_its_name(tmp_path):
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_training_goes_on_past_a_truncated_shard_and_reports_it_once(tmp_path):
+def test_training_goes_on_past_a_damaged_shard_and_reports_it_once(tmp_path, caplog):
     records = write_test_shards(tmp_path, 12, 2)
     shard = tmp_path / "fold0" / "fold0-000000.tar"
-    data_ = shard.read_bytes()
-    shard.write_bytes(data_[: len(data_) // 2])
-    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=True, max_batch_seconds=12.0, num_workers=2)
-    batches = read_all(cfg)
+    data_ = bytearray(shard.read_bytes())
+    # Damage of the listed size (a truncated one is refused up front: its size is wrong).
+    data_[len(data_) // 2:] = b"\xff" * (len(data_) - len(data_) // 2)
+    shard.write_bytes(bytes(data_))
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=True, max_batch_seconds=12.0, num_workers=0)
+    with caplog.at_level("WARNING", logger="dser.data"):
+        batches = read_all(cfg)
+    # The epoch's end says the group fell short of its index.
+    short = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
+    assert len(short) == 1 and f"{tmp_path}/fold0: epoch 0 read " in short[0] and "of the 12 samples" in short[0]
     got = {u for b in batches for u in b["utt_id"]}
     second = {r["utt_id"] for r in records[6:]}
     assert second <= got and 0 < len(got - second) < 6  # the first shard's samples before the damage
+    # tarfile takes a garbage header for the archive's end: the half-read sample is reported, and
+    # the shortfall against the index tells of the rest.
     bad = [s for b in batches for s in b["bad_samples"]]
-    assert len(bad) == 1 and str(shard.resolve()) in bad[0] and "damaged shard" in bad[0], bad
+    assert len(bad) == 1 and str(shard.resolve()) in bad[0], bad
+    assert f"read {len(got)} of the 12 samples its index lists (1 unreadable" in short[0]
 
 
 def test_a_json_without_label_keys_is_a_bad_sample(tmp_path):
     records = write_test_shards(tmp_path, 6, 1)
-    with wds.TarWriter(str(tmp_path / "fold0" / "fold0-000001.tar")) as sink:
+    (tmp_path / "loose").mkdir()
+    with wds.TarWriter(str(tmp_path / "loose" / "x.tar")) as sink:
         buf = io.BytesIO()
         sf.write(buf, records[0]["audio"], SR, format="FLAC", subtype="PCM_16")
         meta = {"utt_id": "nolabels", "duration": len(records[0]["audio"]) / SR, "style": "acted"}
         sink.write({"__key__": "nolabels", "flac": buf.getvalue(), "json": json.dumps(meta).encode()})
-    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, num_workers=0)
+    cfg = LoaderConfig(shards=[str(tmp_path / "fold0"), str(tmp_path / "loose" / "x.tar")], require=None, train=False,
+                       num_workers=0)
     batches = read_all(cfg)
     assert "nolabels" not in {u for b in batches for u in b["utt_id"]}
     (bad,) = [s for b in batches for s in b["bad_samples"]]
@@ -425,3 +439,68 @@ def test_bucketing_keeps_real_audio_above_90_percent_on_iemocap_like_lengths(tra
     assert worst >= 0.9, worst  # every batch, not only on average
     # …while batches stay full: on average at least 80 % of the cap in real audio.
     assert sum(lengths) / len(batches) >= 0.8 * cap
+
+
+# ---- what is read is what the index lists ----------------------------------------------------
+
+def _eval_ids(shards, **kw) -> list[str]:
+    cfg = LoaderConfig(shards=shards, require=None, train=False, num_workers=0, **kw)
+    return [u for b in read_all(cfg) for u in b["utt_id"]]
+
+
+def test_a_stray_tar_in_a_group_is_an_error_naming_it(tmp_path):
+    """A backup tar beside the shards once turned a 12-clip test set into 20 clips, silently."""
+    write_test_shards(tmp_path, 12, 2)
+    assert len(_eval_ids([str(tmp_path / "fold0")])) == 12
+    stray = tmp_path / "fold0" / "old-backup.tar"
+    stray.write_bytes((tmp_path / "fold0" / "fold0-000000.tar").read_bytes())
+    for spec in (tmp_path / "fold0", tmp_path):  # group directory, corpus directory
+        with pytest.raises(DataError) as e:
+            _eval_ids([str(spec)])
+        assert str(stray) in str(e.value) and "does not list" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_duplicate_copy_of_a_shard_is_an_error_not_a_traceback(tmp_path):
+    write_test_shards(tmp_path, 6, 1)
+    copy = tmp_path / "fold0" / "fold0-000000 (copy).tar"
+    copy.write_bytes((tmp_path / "fold0" / "fold0-000000.tar").read_bytes())
+    with pytest.raises(DataError, match=r"fold0-000000 \(copy\)\.tar: a \.tar that .* does not list"):
+        _eval_ids([str(tmp_path / "fold0")])
+
+
+def test_a_resized_or_missing_listed_shard_is_an_error(tmp_path):
+    write_test_shards(tmp_path, 6, 2)
+    shard = tmp_path / "fold0" / "fold0-000001.tar"
+    shard.write_bytes(shard.read_bytes() + b"\0" * 512)
+    with pytest.raises(DataError, match=r"fold0-000001\.tar: \d+ bytes, .*index\.json says \d+; run `dser verify"):
+        _eval_ids([str(tmp_path / "fold0")])
+    shard.unlink()
+    with pytest.raises(DataError, match=r"fold0-000001\.tar: listed in .* but missing"):
+        _eval_ids([str(tmp_path / "fold0")])
+
+
+def test_loose_tars_and_globs_are_read_as_they_are_with_a_note(tmp_path, caplog):
+    write_test_shards(tmp_path, 8, 2)
+    loose = tmp_path / "copies" / "elsewhere"
+    loose.mkdir(parents=True)
+    for p in (tmp_path / "fold0").glob("*.tar"):
+        (loose / p.name).write_bytes(p.read_bytes())
+    with caplog.at_level("WARNING", logger="dser.data"):
+        ids = _eval_ids([str(loose / "*.tar")])
+    assert len(ids) == 8
+    notes = [r.getMessage() for r in caplog.records if "loose .tar" in r.getMessage()]
+    assert len(notes) == 1 and "2 loose .tar file(s) read as they are (no index" in notes[0]
+    # A directory no index governs is not read blindly.
+    with pytest.raises(DataError, match=r"has no index\.json in it or its parent.*elsewhere/\*\.tar"):
+        _eval_ids([str(loose)])
+    # A glob of group directories reads each through the index.
+    write_test_shards(tmp_path, 4, 1, group="fold1", prefix="b")
+    assert len(_eval_ids([str(tmp_path / "fold[01]")])) == 12
+
+
+def test_old_format_shards_name_the_command_that_upgrades_them(tmp_path):
+    write_test_shards(tmp_path, 4, 1, old_format=True)
+    with pytest.raises(DataError) as e:
+        _eval_ids([str(tmp_path / "fold0")])
+    msg = str(e.value)
+    assert "old format 'dser-shards/1'" in msg and f"dser shard testcorpus {tmp_path} {tmp_path} --overwrite" in msg

@@ -131,11 +131,12 @@ def test_index_records_files_counts_and_options(tmp_path):
     data = json.loads((out / "index.json").read_text())
     assert data == index.data
 
-    assert data["format"] == "dser-shards/1" and data["corpus"] == "testcorpus"
+    assert data["format"] == "dser-shards/2" and data["corpus"] == "testcorpus"
     assert data["dser_version"] == dser.__version__ and data["sample_rate"] == SR
     assert data["root"] == str((tmp_path / "root").absolute())
-    assert data["options"] == {"sample_rate": SR, "max_shard_mb": 256.0, "max_shard_samples": 2,
-                               "min_duration": 0.25, "workers": 1, "overwrite": False, "strict": False}
+    assert data["options"] == {"reader": "testcorpus", "sample_rate": SR, "max_shard_mb": 256.0,
+                               "max_shard_samples": 2, "min_duration": 0.25, "max_clipped": 0.01,
+                               "workers": 1, "overwrite": False, "strict": False}
     assert list(data["groups"]) == ["Session2", "fold0", "fold1"]
     assert data["skipped"] == [{"input": "/labels.csv line 7", "reason": "unknown emotion code 'X'"}]
     for name, g in data["groups"].items():
@@ -155,6 +156,32 @@ def test_index_records_files_counts_and_options(tmp_path):
             members = read_shard(path)
             assert s["samples"] == len(members)
             assert s["seconds"] == pytest.approx(sum(m["json"]["duration"] for m in members.values()), abs=1e-3)
+        # The per-sample table lists every sample in shard order, and its spans seek each member.
+        table = (out / g["table"]["path"]).read_bytes()
+        assert g["table"] == {"path": f"{name}/samples.jsonl", "sha256": hashlib.sha256(table).hexdigest(),
+                              "bytes": len(table), "rows": len(recs)}
+        rows = index.table(name)
+        assert [r["utt_id"] for r in rows] == [r.utt_id for r in recs]
+        for row, rec in zip(rows, recs):
+            shard = (out / name / row["shard"]).read_bytes()
+            meta = read_shard(out / name / row["shard"])[row["key"]]["json"]
+            assert (row["speaker"], row["emotion"], row["style"]) == (rec.speaker, rec.emotion, rec.style)
+            assert row["duration"] == meta["duration"] and row["clipped"] == 0
+            assert row["attributes"] == [a for a in ("valence", "arousal", "dominance") if meta[a] is not None]
+            for ext in ("flac", "json"):
+                offset, size = row[ext]
+                with tarfile.open(fileobj=io.BytesIO(shard[offset:offset + size]), mode="r:") as one:
+                    (member,) = one.getmembers()
+                    assert member.name == f"{row['key']}.{ext}"
+                    payload = one.extractfile(member).read()
+                with tarfile.open(out / name / row["shard"]) as whole:
+                    assert payload == whole.extractfile(f"{row['key']}.{ext}").read()
+        speakers = {}
+        for r in recs:
+            speakers[r.speaker] = speakers.get(r.speaker, 0) + 1
+        assert g["speakers"] == dict(sorted(speakers.items()))
+        assert sum(n for per in g["emotion_style"].values() for n in per.values()) == len(recs)
+        assert g["clipped"] == {"samples": 0, "clips": 0}
     assert data["totals"]["samples"] == 9
     assert data["totals"]["hours"] == pytest.approx(sum(map(len, audio.values())) / SR / 3600, abs=1e-6)
     assert sum(data["totals"]["emotions"].values()) == 9 and data["totals"]["emotions"]["null"] == 1
@@ -295,7 +322,8 @@ def test_existing_out_needs_overwrite_which_replaces_it(tmp_path):
 
     index = build(Listing(listing.records[:2]), out, overwrite=True, max_shard_samples=1)
     assert index.totals["samples"] == 2
-    assert sorted(p.name for p in (out / "fold0").iterdir()) == ["fold0-000000.tar", "fold0-000001.tar"]
+    assert sorted(p.name for p in (out / "fold0").iterdir()) == ["fold0-000000.tar", "fold0-000001.tar",
+                                                                 "samples.jsonl"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -304,7 +332,7 @@ def test_overwrite_refuses_a_directory_that_is_not_shards(tmp_path):
     precious = tmp_path / "thesis"
     precious.mkdir()
     (precious / "chapter1.tex").write_text("…")
-    with pytest.raises(ShardError, match="not a shard directory"):
+    with pytest.raises(ShardError, match="not a dser shard directory"):
         build(listing, precious, overwrite=True)
     assert (precious / "chapter1.tex").read_text() == "…"
 

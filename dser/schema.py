@@ -1,0 +1,326 @@
+"""The shard directory's contract, one definition for the writer, the loader and ``dser verify``.
+
+A shard directory (``dser-shards/2``)::
+
+    OUT/index.json                 the summary: format, corpus, sample rate, options, totals,
+                                   every skipped input, and per group: its shards (sha256,
+                                   bytes, samples, seconds), its per-sample table (sha256,
+                                   bytes, rows), speakers, emotion × style counts, attribute
+                                   counts per style, clipped samples
+    OUT/<group>/<group>-NNNNNN.tar <key>.flac + <key>.json per sample (webdataset layout)
+    OUT/<group>/samples.jsonl      the per-sample table: one JSON object per sample, in shard
+                                   order (``TABLE_FIELDS``)
+
+A table row::
+
+    {"utt_id": "Ses01F_impro01_F000", "key": "Ses01F_impro01_F000", "speaker": "Ses01F",
+     "emotion": "neutral", "style": "acted", "attributes": ["valence", "arousal", "dominance"],
+     "duration": 1.234, "clipped": 0, "shard": "Session1-000000.tar",
+     "flac": [0, 40448], "json": [40448, 1024]}
+
+``flac`` and ``json`` are ``[offset, size]`` of the tar member in its shard, headers and
+padding included: ``shard_bytes[offset:offset + size]`` is a complete tar member, so a reader
+can seek a sample without scanning the tar. ``attributes`` lists the attributes the sample
+has (not null); ``clipped`` counts the samples the sharder had to clip to 16-bit full scale.
+
+What a loader reads is what the index lists: ``ShardIndex.find(D)`` is the index that governs
+a directory given as a shard spec (``D/index.json`` for a corpus directory, ``D/../index.json``
+for a group directory), and ``ShardIndex.listed_files`` is every file dser wrote there.
+
+This module imports nothing heavy (no torch, no audio libraries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "dser-shards/2"
+OLD_FORMATS = ("dser-shards/1",)
+INDEX_NAME = "index.json"
+TABLE_NAME = "samples.jsonl"
+TABLE_FIELDS = ("utt_id", "key", "speaker", "emotion", "style", "attributes", "duration",
+                "clipped", "shard", "flac", "json")
+ATTRIBUTES = ("valence", "arousal", "dominance")
+
+
+class ShardError(Exception):
+    """Shards cannot be built or read as asked (OUT exists, --strict with skipped inputs, a
+    bad option, a missing, old or foreign index.json); the message says what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_index_json(path: Path) -> dict | None:
+    """The parsed ``path`` if it is a JSON object with a dser shard format marker (any
+    version), else None. Never raises for a missing or foreign file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("format") in (FORMAT, *OLD_FORMATS) \
+            and isinstance(data.get("groups"), dict):
+        return data
+    return None
+
+
+def upgrade_command(data: dict, out: Path) -> str:
+    """The command that rewrites an old shard directory in the current format."""
+    reader = data.get("options", {}).get("reader") or data.get("corpus", "CORPUS")
+    root = data.get("root", "ROOT")
+    return f"dser shard {reader} {root} {out} --overwrite"
+
+
+@dataclass
+class ShardIndex:
+    """A shard directory's ``index.json`` and where it lives.
+
+    Attributes:
+        out: the shard directory (the one holding ``index.json``).
+        data: the parsed ``index.json`` (the layout in this module's docstring).
+    """
+
+    out: Path
+    data: dict
+
+    @classmethod
+    def load(cls, out: str | Path) -> "ShardIndex":
+        """Read ``OUT/index.json`` (``out`` may also name the ``index.json`` itself).
+
+        Raises:
+            ShardError: no index there, not JSON, not a dser shard index, or an older format
+                (naming the command that rewrites it).
+        """
+        out = Path(out).expanduser()
+        path = out if out.name == INDEX_NAME and out.is_file() else out / INDEX_NAME
+        if not path.is_file():
+            raise ShardError(f"no {INDEX_NAME} in {path.parent}; make shards there with `dser shard`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ShardError(f"{path}: cannot be read as JSON ({e}); rebuild it with `dser shard --overwrite`") from e
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found in OLD_FORMATS:
+            raise ShardError(f"{path}: shards in the old format {found!r} (this dser reads {FORMAT!r}, which "
+                             f"lists every sample); rewrite them with `{upgrade_command(data, path.parent)}`")
+        if not isinstance(data, dict) or found != FORMAT or not isinstance(data.get("groups"), dict):
+            raise ShardError(f"{path}: not a dser shard index (format {found!r}, expected {FORMAT!r}); "
+                             f"rebuild it with `dser shard --overwrite`")
+        return cls(path.parent, data)
+
+    @classmethod
+    def find(cls, directory: Path) -> tuple["ShardIndex", str | None] | None:
+        """The index that governs a directory given as a shard spec, and the group it names.
+
+        Returns:
+            ``(index, None)`` for a corpus directory (``D/index.json``), ``(index, group)`` for a
+            group directory (``D/../index.json`` lists a group named ``D.name``), None when
+            neither holds a dser index.
+
+        Raises:
+            ShardError: the index there is unreadable or old; ``D/..`` has an index that does not
+                list ``D``.
+        """
+        if (directory / INDEX_NAME).is_file():
+            return cls.load(directory), None
+        parent = directory.parent
+        if (parent / INDEX_NAME).is_file() and read_index_json(parent / INDEX_NAME) is not None:
+            index = cls.load(parent)
+            if directory.name not in index.data["groups"]:
+                raise ShardError(f"{directory}: {parent / INDEX_NAME} lists no group {directory.name!r} "
+                                 f"(groups: {', '.join(index.groups) or 'none'}); the folder was not written by "
+                                 f"`dser shard`, or its index was replaced")
+            return index, directory.name
+        return None
+
+    def save(self, out: str | Path | None = None) -> Path:
+        """Write ``index.json`` atomically (a temporary file renamed into place) and fsync it."""
+        out = Path(out) if out is not None else self.out
+        path = out / INDEX_NAME
+        tmp = out / f".{INDEX_NAME}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @property
+    def corpus(self) -> str:
+        return self.data["corpus"]
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.data["sample_rate"])
+
+    @property
+    def options(self) -> dict:
+        return dict(self.data.get("options", {}))
+
+    @property
+    def groups(self) -> list[str]:
+        """Group names, in index order (sorted by name when written by ``build_shards``)."""
+        return list(self.data["groups"])
+
+    def group(self, name: str) -> dict:
+        """One group's entry (``shards``, ``table``, ``samples``, ``speakers``, ``emotion_style``, …).
+
+        Raises:
+            ShardError: unknown group, naming the groups there are.
+        """
+        if name not in self.data["groups"]:
+            raise ShardError(f"{self.out}: no shard group {name!r}; groups: {', '.join(self.groups) or 'none'}")
+        return self.data["groups"][name]
+
+    def shard_paths(self, group: str | None = None) -> list[Path]:
+        """Shard files of one group (or of every group, in index order), under ``self.out``."""
+        names = [group] if group is not None else self.groups
+        return [self.out / s["path"] for g in names for s in self.group(g)["shards"]]
+
+    def table_path(self, group: str) -> Path:
+        return self.out / self.group(group)["table"]["path"]
+
+    def table(self, group: str) -> list[dict]:
+        """A group's per-sample table, parsed.
+
+        Raises:
+            ShardError: the table is missing or a row does not parse.
+        """
+        path = self.table_path(group)
+        rows = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    rows.append(json.loads(line))
+        except FileNotFoundError as e:
+            raise ShardError(f"{path}: missing; rewrite the shards with `{upgrade_command(self.data, self.out)}`") from e
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ShardError(f"{path}: line {n} does not parse ({e}); run `dser verify {self.out}`") from e
+        return rows
+
+    def listed_files(self) -> set[Path]:
+        """Every file the index says dser wrote (relative to ``out``), the index included."""
+        files = {Path(INDEX_NAME)}
+        for g in self.groups:
+            entry = self.group(g)
+            files.update(Path(s["path"]) for s in entry["shards"])
+            if "table" in entry:
+                files.add(Path(entry["table"]["path"]))
+        return files
+
+    @property
+    def totals(self) -> dict:
+        """``samples``, ``hours``, ``shards``, ``emotions`` and ``styles`` over all groups."""
+        return self.data["totals"]
+
+    @property
+    def skipped(self) -> list:
+        """Every input left out, with its reason (``dser.corpora.Skip``)."""
+        from dser.corpora import Skip
+
+        return [Skip(s["input"], s["reason"]) for s in self.data.get("skipped", [])]
+
+    def verify(self) -> list[str]:
+        """Check every shard and table file against its recorded size and sha256.
+
+        Returns:
+            One line per problem (missing file, wrong size, wrong sha256); empty when all match.
+        """
+        problems = []
+        for g in self.groups:
+            entry = self.group(g)
+            for s in [*entry["shards"], entry["table"]]:
+                path = self.out / s["path"]
+                if not path.is_file():
+                    problems.append(f"{path}: missing")
+                elif path.stat().st_size != s["bytes"]:
+                    problems.append(f"{path}: {path.stat().st_size} bytes, index says {s['bytes']}")
+                elif sha256_file(path) != s["sha256"]:
+                    problems.append(f"{path}: sha256 differs from the index (corrupt or replaced)")
+        return problems
+
+
+def unlisted_files(index: ShardIndex, under: Path) -> list[Path]:
+    """Files below ``under`` (inside ``index.out``) that the index does not list, sorted;
+    dser's own temporary names (``.index.json.tmp-*``) excepted."""
+    listed = {index.out / p for p in index.listed_files()}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(under):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path not in listed and not name.startswith(f".{INDEX_NAME}.tmp-"):
+                found.append(path)
+    return found
+
+
+def scan_tar(path: Path) -> list[dict]:
+    """The members of a shard, in order: ``{"name", "offset", "size"}`` per regular file, where
+    ``offset`` is where its header starts (an extended header included) and ``size`` runs to
+    the next member's header, so ``[offset, size]`` covers header, data and padding.
+
+    Raises:
+        tarfile.TarError, OSError: unreadable or truncated tar.
+    """
+    members = []
+    with tarfile.open(path, "r:") as tar:
+        infos = list(tar)
+        end = tar.offset
+    # TarInfo.offset is the start of the member's (possibly extended) header.
+    for info, nxt in zip(infos, [*infos[1:], None]):
+        stop = nxt.offset if nxt is not None else end
+        if info.isfile():
+            members.append({"name": info.name, "offset": info.offset, "size": stop - info.offset})
+    return members
+
+
+def table_row(meta: dict, key: str, shard: str, flac: tuple[int, int], json_: tuple[int, int],
+              clipped: int) -> dict:
+    """One row of the per-sample table (``TABLE_FIELDS``), from a sample's labels."""
+    return {"utt_id": meta["utt_id"], "key": key, "speaker": meta.get("speaker"),
+            "emotion": meta.get("emotion"), "style": meta.get("style"),
+            "attributes": [a for a in ATTRIBUTES if meta.get(a) is not None],
+            "duration": meta["duration"], "clipped": clipped, "shard": shard,
+            "flac": list(flac), "json": list(json_)}
+
+
+def encode_table(rows: list[dict]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=False).encode("utf-8") + b"\n" for r in rows)
+
+
+def group_summary(rows: list[dict]) -> dict:
+    """The counts ``index.json`` states for a group, from its table rows: speakers (clips per
+    speaker), emotion × style, attributes per style (each attribute, and ``all`` three),
+    clipped samples (total, and clips with any)."""
+    speakers: dict[str, int] = {}
+    emotion_style: dict[str, dict[str, int]] = {}
+    attributes: dict[str, dict[str, int]] = {}
+    clipped = {"samples": 0, "clips": 0}
+    for r in rows:
+        spk = "null" if r["speaker"] is None else str(r["speaker"])
+        speakers[spk] = speakers.get(spk, 0) + 1
+        emo = "null" if r["emotion"] is None else r["emotion"]
+        style = "null" if r["style"] is None else r["style"]
+        per = emotion_style.setdefault(emo, {})
+        per[style] = per.get(style, 0) + 1
+        attrs = attributes.setdefault(style, {**{a: 0 for a in ATTRIBUTES}, "all": 0})
+        for a in r["attributes"]:
+            attrs[a] += 1
+        attrs["all"] += len(r["attributes"]) == len(ATTRIBUTES)
+        clipped["samples"] += r["clipped"]
+        clipped["clips"] += r["clipped"] > 0
+    return {"speakers": dict(sorted(speakers.items())),
+            "emotion_style": {e: dict(sorted(s.items())) for e, s in sorted(emotion_style.items())},
+            "attributes": dict(sorted(attributes.items())),
+            "clipped": clipped}
