@@ -318,6 +318,81 @@ def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
     return [f.path for f in shard_files(specs)]
 
 
+@dataclass
+class SetCounts:
+    """What a set of shard specs holds for a run, counted from the shard indexes.
+
+    Attributes:
+        clips: clips the loader would keep (label set, styles and ``require`` applied), over
+            the indexed groups.
+        classes: clips per class of the label set (every class, 0 included); empty without one.
+        groups: the indexed groups counted (``<shard dir>/<group>``).
+        loose: specs read without an index (their clips are not counted).
+    """
+
+    clips: int = 0
+    classes: dict[str, int] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    loose: list[str] = field(default_factory=list)
+    emotions: dict[str, int] = field(default_factory=dict)  # "emotion/style" → clips, before any filter
+
+    def holds(self, limit: int = 6) -> str:
+        """What the groups hold, most common first: ``"fear/acted 12, neutral/natural 3"``."""
+        top = sorted(self.emotions.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{k} {v}" for k, v in top[:limit])
+        return (text + (f", … {len(top) - limit} more" if len(top) > limit else "")) or "no clips"
+
+
+def count_set(specs: Sequence[str | Path], label_set: LabelSet | None, styles: Sequence[str] | None,
+              require: str | None) -> SetCounts:
+    """Count a set's clips per class from its indexes (emotion × style and attribute counts), as
+    the loader would keep them, without reading a tar.
+
+    Raises:
+        DataError: as ``shard_files`` (a spec matching nothing, an old index, …).
+    """
+    counts = SetCounts(classes={c: 0 for c in label_set.classes} if label_set is not None else {})
+    seen: set[tuple[str, str]] = set()
+    keep = set(styles) if styles else None
+    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
+        text = os.path.expanduser(str(spec))
+        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))] if glob.has_magic(text) else [Path(text)]
+        for m in matches:
+            found = None
+            if m.is_dir():
+                try:
+                    found = ShardIndex.find(m.absolute())
+                except ShardError as e:
+                    raise DataError(f"shard spec {str(spec)!r}: {e}") from e
+            if found is None:
+                if str(spec) not in counts.loose:
+                    counts.loose.append(str(spec))
+                continue
+            index, group = found
+            for g in index.groups if group is None else [group]:
+                if (str(index.out), g) in seen:
+                    continue
+                seen.add((str(index.out), g))
+                counts.groups.append(f"{index.out}/{g}")
+                entry = index.group(g)
+                labelled = 0
+                for emotion, per_style in entry["emotion_style"].items():
+                    for st, v in per_style.items():
+                        counts.emotions[f"{emotion}/{st}"] = counts.emotions.get(f"{emotion}/{st}", 0) + v
+                    n = sum(v for st, v in per_style.items() if keep is None or st in keep)
+                    k = label_set.index(None if emotion == "null" else emotion) if label_set is not None else None
+                    if k is not None:
+                        counts.classes[label_set.classes[k]] += n
+                        labelled += n
+                attributed = sum(a["all"] for st, a in entry["attributes"].items() if keep is None or st in keep)
+                every = sum(v for per in entry["emotion_style"].values() for st, v in per.items()
+                            if keep is None or st in keep)
+                # "any" keeps a clip with a class or all attributes: at least the larger count.
+                counts.clips += {"emotion": labelled, "attributes": attributed,
+                                 "any": max(labelled, attributed), None: every}[require]
+    return counts
+
+
 def resolve_rank(cfg: LoaderConfig) -> tuple[int, int]:
     """``(rank, world_size)`` for splitting shards: the config's, the process group's, the
     launcher's environment, or (0, 1)."""

@@ -51,7 +51,7 @@ import yaml
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from dser.config import ConfigError, from_dict, to_dict
-from dser.data import DataError, LoaderConfig, make_loader, resolve_shards
+from dser.data import DataError, LoaderConfig, count_set, make_loader, resolve_shards
 from dser.evaluate import evaluate_shards, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.backbone import BackboneError, check_backbone
@@ -316,6 +316,7 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
             resolve_shards(specs)
         except DataError as e:
             raise RecipeError(f"config.{key}: {e}") from None
+    label_set_checks(cfg)
     try:
         check_backbone(cfg.model.backbone)
     except BackboneError as e:
@@ -330,6 +331,66 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
             raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
                               f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
                               f"(--set stage2.new_head=true) to train a new head")
+
+
+def label_set_checks(cfg: RunConfig) -> list[str]:
+    """Count every configured set's clips per class from its shard indexes, as the run's loaders
+    would keep them (label set, styles, required labels).
+
+    Returns:
+        Warnings: classes missing from training or from a test set, test classes that training
+        never shows.
+
+    Raises:
+        RecipeError: an empty training, validation, test or rehearsal set, naming its config key,
+            its groups and what they hold.
+    """
+    label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+    require = REQUIRE[cfg.task]
+    sets = {"data.train": (cfg.data.train, cfg.data.styles, "data.styles"),
+            "data.valid": (cfg.data.valid, cfg.data.styles, "data.styles")}
+    for name, specs in cfg.data.test.items():
+        sets[f"data.test.{name}"] = (specs, cfg.data.test_styles.get(name),
+                                     f"data.test_styles.{name}" if name in cfg.data.test_styles else None)
+    if cfg.data.rehearsal.shards:
+        sets["data.rehearsal.shards"] = (cfg.data.rehearsal.shards, cfg.data.styles, "data.styles")
+    wanted = {"emotion": f"a class of label set {label_set and label_set.name} "
+                         f"({', '.join(label_set.classes) if label_set else ''})",
+              "attributes": "all three attributes (valence, arousal, dominance)",
+              "any": f"a class of label set {label_set and label_set.name} or all three attributes"}[require]
+    counts = {}
+    for key, (specs, styles, styles_key) in sets.items():
+        try:
+            c = counts[key] = count_set(specs, label_set, styles, require)
+        except DataError as e:
+            raise RecipeError(f"config.{key}: {e}") from None
+        if c.clips == 0 and not c.loose:
+            where = ", ".join(c.groups) or ", ".join(map(str, specs))
+            styled = f" in styles {list(styles)} ({styles_key})" if styles else ""
+            raise RecipeError(f"config.{key}: no clip with {wanted}{styled} in {where}; they hold {c.holds()}: "
+                              f"fix data.label_set{', ' + styles_key if styles_key else ''} or the groups")
+    warnings: list[str] = []
+    if label_set is None:
+        return warnings
+    train = counts["data.train"]
+    if not train.loose:
+        missing = [k for k, n in train.classes.items() if n == 0]
+        if missing:
+            warnings.append(f"config.data.train has no clips of class {', '.join(missing)} (label set "
+                            f"{label_set.name}): the model never learns {'it' if len(missing) == 1 else 'them'}")
+    for key, c in counts.items():
+        if not key.startswith("data.test.") or c.loose:
+            continue
+        missing = [k for k, n in c.classes.items() if n == 0]
+        if missing:
+            warnings.append(f"config.{key} has no clips of class {', '.join(missing)}: its UA and macro-F1 "
+                            f"average over the classes it has")
+        if not train.loose:
+            unseen = [f"{k} ({n})" for k, n in c.classes.items() if n and train.classes[k] == 0]
+            if unseen:
+                warnings.append(f"config.{key} has clips of class {', '.join(unseen)}, which config.data.train "
+                                f"never shows the model")
+    return warnings
 
 
 def dead_peers(peers: list[tuple[str, int]]) -> list[tuple[int, str, int]]:
@@ -412,6 +473,9 @@ def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed
                 f"{'CPU' if cpu else 'GPU'})")
     precision_text = [precision.line()] + (precision_notes(cfg, precision, stage) if rank == 0 else [])
     rank0_print("\n".join(precision_text))
+    set_warnings = label_set_checks(cfg) if rank == 0 else []  # checked (and raised) before any process group
+    if set_warnings:
+        rank0_print("\n".join(f"warning: {w}" for w in set_warnings))
 
     # ---- seeds, labels, data ------------------------------------------------------------
     random.seed(cfg.seed + rank)
@@ -668,7 +732,7 @@ def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed
         bad_samples = [f"rank {r}: {b}" for r, lst in enumerate(bad_lists) for b in lst]
         write_json(run_dir / "metrics.json", {
             "stage": stage, "run_dir": str(run_dir), "steps": step, "best_valid": best,
-            "precision": precision.name, "precision_reason": precision.reason,
+            "precision": precision.name, "precision_reason": precision.reason, "warnings": set_warnings,
             "init_from": cfg.stage2.init_from if stage == 2 else None,
             "params": params, "config": to_dict(cfg), "valid_history": history,
             "bad_samples": {"count": bad_total, "samples": bad_samples},
