@@ -131,7 +131,9 @@ def gather_predictions(local: dict) -> dict:
         out[key] = np.concatenate(arrays) if arrays else None
     dupes = [u for u, n in Counter(out["utt_id"]).items() if n > 1]
     if dupes:
-        raise RuntimeError(f"evaluation counted {len(dupes)} utterances more than once, e.g. {dupes[:3]}")
+        # A user's mistake (a copy of a shard among loose .tar specs), so a ValueError: one line, no traceback.
+        raise ValueError(f"evaluation read {len(dupes)} utterance(s) more than once, e.g. {dupes[:3]}: two of the "
+                         f"shards given hold the same clips (a copy of a shard?); give each shard once")
     return out
 
 

@@ -71,9 +71,9 @@ def test_an_empty_test_set_and_a_style_filter_that_leaves_nothing(workdir, capsy
                        "angry, sad) in styles ['natural'] (data.styles)" in text
 
 
-def test_missing_and_unseen_classes_are_warned_and_recorded(workdir):
-    """A test set without sad and a training set without sad: printed at the start, and in
-    metrics.json's warnings, from a real (tiny) run."""
+@pytest.fixture(scope="module")
+def warned_run(workdir) -> tuple[Path, str]:
+    """A real (tiny) run trained without sad, tested on a set without sad: (run dir, its output)."""
     from dser.launch import launch_command
 
     args = ["--stage", "1", "--config", str(default_config_path(1)), *TINY, "--run-dir", "runs/warned",
@@ -84,14 +84,51 @@ def test_missing_and_unseen_classes_are_warned_and_recorded(workdir):
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout + r.stderr
+    return workdir / "runs" / "warned", r.stdout + r.stderr
+
+
+def test_missing_and_unseen_classes_are_warned_and_recorded(warned_run):
+    """Printed at the start, and in metrics.json's warnings."""
+    run, out = warned_run
     want = ["config.data.train has no clips of class sad (label set 4class): the model never learns it",
             "config.data.test.three has no clips of class sad: its UA and macro-F1 average over the classes it has",
             "config.data.test.acted has clips of class sad (",
             "config.data.test.natural has clips of class sad ("]
     for w in want:
         assert f"warning: {w}" in out, out[-3000:]
-    metrics = json.loads((workdir / "runs" / "warned" / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["warnings"]) == 4
     for w in want:
         assert any(m.startswith(w) for m in metrics["warnings"]), metrics["warnings"]
+
+
+def test_evaluate_reads_exactly_what_the_index_lists(workdir, warned_run):
+    """`dser evaluate`: a stray backup tar in a test group is an error naming it (it once turned 12
+    clips into 20 silently), and a duplicate copy given explicitly is one line, not a traceback."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from dser.cli import main
+
+    run, _ = warned_run
+    copy = workdir / "shards" / "copy"
+    shutil.copytree(workdir / "shards" / "demo-acted", copy)
+    ok = CliRunner().invoke(main, ["evaluate", str(run), "--shards", str(copy / "test"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert sum(map(sum, json.loads(ok.output)["confusion"])) == 16
+    first = sorted((copy / "test").glob("*.tar"))[0]
+    stray = copy / "test" / "test-backup.tar"
+    shutil.copy(first, stray)
+    bad = CliRunner().invoke(main, ["evaluate", str(run), "--shards", str(copy / "test")])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert bad.output.strip().splitlines()[-1] == (
+        f"Error: {stray}: a .tar that {copy / 'index.json'} does not list; move it out of {copy / 'test'} "
+        f"(dser reads exactly the shards its index lists), or re-shard")
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    stray.rename(elsewhere / "dup.tar")
+    dup = CliRunner().invoke(main, ["evaluate", str(run), "--shards", str(copy / "test"),
+                                    "--shards", str(elsewhere / "dup.tar")])
+    assert dup.exit_code != 0 and isinstance(dup.exception, SystemExit)  # a click error, not a crash
+    assert "more than once" in dup.output and "give each shard once" in dup.output

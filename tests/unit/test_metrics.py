@@ -75,5 +75,5 @@ def test_compute_metrics_from_accumulated_batches():
 def test_gather_refuses_duplicates():
     acc = PredictionAccumulator()
     acc.add(["a", "a"], torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), None, None)
-    with pytest.raises(RuntimeError, match="more than once"):
+    with pytest.raises(ValueError, match="more than once"):
         gather_predictions(acc.as_dict())
