@@ -7,15 +7,20 @@ which decodes every clip, makes it 16 kHz mono 16-bit, and packs it with its lab
         │
         ▼  ``workers`` processes (spawned; results come back in input order)
     soundfile read ─ checks: missing, unreadable, empty, truncated, non-finite
-        ─ down-mix (mean of channels) ─ soxr resample (HQ) ─ int16 ─ checks: too short, silent
-        ─ FLAC (PCM_16) bytes            … or a Skip with the reason
+        ─ down-mix (mean of channels) ─ soxr resample (HQ) ─ int16, clipped samples counted
+        ─ checks: too short, silent, clipped past --max-clipped ─ FLAC (PCM_16) bytes
+                                         … or a Skip with the reason
         │
         ▼  main process
     OUT/<group>/<group>-000000.tar, -000001.tar, …   <key>.flac + <key>.json per sample;
         │    a new shard starts before one would pass --max-shard-mb or --max-shard-samples
+        │ OUT/<group>/samples.jsonl: one row per sample (labels, duration, clipped samples,
+        │    shard, offset and size of each tar member)
         ▼
-    OUT/index.json: per group its shards (sha256, bytes, samples, seconds), hours, emotion and
-        style counts; totals; corpus, ROOT, options, dser version; every skipped input + reason
+    OUT/index.json (``dser-shards/2``, ``dser.schema``): per group its shards (sha256, bytes,
+        samples, seconds), its table (sha256, bytes, rows), hours, speakers, emotion, style,
+        emotion × style, attribute and clipped counts; totals; corpus, ROOT, options, dser
+        version; every skipped input + reason
 
 ``<key>`` is the utt_id with each character outside ``[A-Za-z0-9_-]`` replaced by ``_``
 (webdataset splits a member name at its first dot). The JSON holds ``Record.labels()``
@@ -35,6 +40,10 @@ Guarantees:
 - Bad input never stops the run: the input is skipped with its reason (in ``index.json`` and
   the printed summary); ``strict=True`` turns any skip into a ``ShardError`` instead, and
   nothing is published.
+- OUT is replaced (``overwrite=True``) only when dser wrote it: its ``index.json`` carries a
+  dser format marker (any version) and OUT holds nothing that index does not list. OUT is
+  never, and never contains, the current directory, ``$HOME``, ROOT or an input file; it may
+  lie inside the current directory (the default ``shards/CORPUS``).
 
 Usage::
 
