@@ -132,3 +132,13 @@ def test_evaluate_reads_exactly_what_the_index_lists(workdir, warned_run):
                                     "--shards", str(elsewhere / "dup.tar")])
     assert dup.exit_code != 0 and isinstance(dup.exception, SystemExit)  # a click error, not a crash
     assert "more than once" in dup.output and "give each shard once" in dup.output
+
+
+def test_a_run_on_old_format_shards_names_the_upgrade_command(workdir, capsys):
+    write_test_shards(workdir / "shards" / "old", 6, 2, group="train", old_format=True)
+    rc, text = check(workdir, "data.train=[shards/old/train]", capsys=capsys)
+    (line,) = [t for t in text.splitlines() if "error" in t]
+    assert rc == 2 and line.startswith("dser train: error: config.data.train: shard spec 'shards/old/train': ")
+    assert "old format 'dser-shards/1'" in line
+    old = workdir / 'shards' / 'old'
+    assert f"`dser shard testcorpus {old} {old} --overwrite`" in line

@@ -504,3 +504,21 @@ def test_old_format_shards_name_the_command_that_upgrades_them(tmp_path):
         _eval_ids([str(tmp_path / "fold0")])
     msg = str(e.value)
     assert "old format 'dser-shards/1'" in msg and f"dser shard testcorpus {tmp_path} {tmp_path} --overwrite" in msg
+
+
+def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path, caplog):
+    """Garbage of the listed size where a tar header should be reads as the archive's end: the
+    samples after it vanish unless counted against the index."""
+    write_test_shards(tmp_path, 10, 1)
+    shard = tmp_path / "fold0" / "fold0-000000.tar"
+    data_ = bytearray(shard.read_bytes())
+    members = data.ShardIndex.load(tmp_path).table("fold0")
+    cut = members[6]["flac"][0]  # the header of the 7th sample
+    data_[cut:cut + 512] = b"\xff" * 512
+    shard.write_bytes(bytes(data_))
+    with caplog.at_level("WARNING", logger="dser.data"):
+        ids = _eval_ids([str(tmp_path / "fold0")])
+    assert len(ids) == 6
+    (line,) = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
+    assert line.startswith(f"{tmp_path}/fold0: epoch 0 read 6 of the 10 samples its index lists (0 unreadable")
+    assert "4 never seen" in line
