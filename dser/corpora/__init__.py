@@ -14,7 +14,10 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +128,25 @@ def assign_folds(speaker_of: dict[str, str | None], n_folds: int = 5) -> dict[st
         fold_of_speaker[spk] = f
         load[f] += n
     return {u: f"fold{fold_of_speaker[s or 'unknown']}" for u, s in speaker_of.items()}
+
+
+def audio_file_problem(path: Path) -> str | None:
+    """Why an audio entry a reader found cannot be read as a file (a broken or looping symbolic
+    link, a directory), or None when it is a readable file. Readers skip such an entry with
+    this reason, so every input is either a record or a listed skip."""
+    try:
+        st = os.stat(path)  # follows links
+    except OSError as e:
+        if path.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "symbolic link loop: the link resolves to itself"
+            return f"broken symbolic link to {os.readlink(path)} (its target is missing)"
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not an audio file" + (" (a symbolic link to one)" if path.is_symlink() else "")
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dser.corpora import Listing, Record, Skip, assign_folds, require_dir
+from dser.corpora import Listing, Record, Skip, assign_folds, audio_file_problem, require_dir
 from dser.corpora.options import Option, parse_fold_count, parse_options
 
 NAME = "emodb"
@@ -63,7 +63,11 @@ def read(root: Path, **options) -> Listing:
 
     listing = Listing([])
     for wav in sorted(audio.iterdir()):
-        if wav.suffix.lower() != ".wav" or wav.name.startswith(".") or not wav.is_file():
+        if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
+            continue
+        problem = audio_file_problem(wav)
+        if problem:
+            listing.skipped.append(Skip(str(wav), problem))
             continue
         m = _NAME.match(wav.stem)
         if not m:

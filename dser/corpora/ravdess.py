@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dser.corpora import CorpusError, Listing, Record, Skip, assign_folds
+from dser.corpora import CorpusError, Listing, Record, Skip, assign_folds, audio_file_problem
 from dser.corpora.options import Option, parse_bool, parse_fold_count, parse_options
 
 NAME = "ravdess"
@@ -80,8 +80,12 @@ def read(root: Path, **options) -> Listing:
     listing = Listing([])
     for actor_dir in actors:
         for wav in sorted(actor_dir.iterdir()):
-            if wav.suffix.lower() != ".wav" or wav.name.startswith(".") or not wav.is_file():
+            if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
                 continue  # videos (.mp4) and stray files are not inputs
+            problem = audio_file_problem(wav)
+            if problem:
+                listing.skipped.append(Skip(str(wav), problem))
+                continue
             record = _record(wav, opts["include_song"], listing)
             if record is not None:
                 listing.records.append(record)
