@@ -169,7 +169,8 @@ def write_bench_corpus(out: Path, lengths: Sequence[float], sample_rate: int = S
     from dser.corpora.synthetic import synthesize
 
     out = Path(out)
-    pool_manifest = synthesize(out / "pool", "acted", utterances=24, speakers=3, seed=seed, sample_rate=sample_rate)
+    pool_manifest = synthesize(out / "pool", "acted", utterances=24, speakers=3, seed=seed, sample_rate=sample_rate,
+                               overwrite=True)
     pool = [sf.read(pool_manifest.parent / json.loads(line)["path"], dtype="float32")[0]
             for line in pool_manifest.read_text().splitlines() if line.strip()]
     (out / "wav").mkdir(parents=True, exist_ok=True)

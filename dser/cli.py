@@ -77,13 +77,14 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
 @click.option("--speakers", default=10, show_default=True, help="Number of speakers.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--sample-rate", default=16000, show_default=True)
-def synth(out, style, utterances, speakers, seed, sample_rate):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier dser synth output in OUT.")
+def synth(out, style, utterances, speakers, seed, sample_rate, overwrite):
     """Generate a synthetic emotional-speech corpus (WAV + manifest.jsonl) in OUT."""
     from dser.corpora.synthetic import synthesize
 
     try:
         manifest = synthesize(out, style, utterances=utterances, speakers=speakers, seed=seed,
-                              sample_rate=sample_rate)
+                              sample_rate=sample_rate, overwrite=overwrite)
     except ValueError as e:
         raise UserError(str(e)) from e
     click.echo(f"wrote {manifest}")

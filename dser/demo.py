@@ -44,7 +44,7 @@ def prepare_demo_shards(data_dir: Path = Path("data/demo"), shards_dir: Path = P
         if found is not None and found["format"] != FORMAT:
             print(f"re-sharding {shard_dir}: written by an older dser ({found['format']}, this one reads {FORMAT})")
         sizes = dict(sizes, utterances=utterances or sizes["utterances"])
-        manifest = synthesize(data_dir / style, style, **sizes)
+        manifest = synthesize(data_dir / style, style, **sizes, overwrite=True)
         listing = read_corpus("manifest", manifest)
         build_shards(listing, shard_dir, corpus=f"demo-{style}", root=manifest, overwrite=True, reader="manifest",
                      max_shard_samples=64, workers=2)

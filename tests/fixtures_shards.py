@@ -138,7 +138,8 @@ def write_demo_shards(root: Path, utterances: int = 96, speakers: int = 6) -> Pa
     for style, seed in (("acted", 1), ("natural", 2)):
         out = root / "shards" / f"demo-{style}"
         if not (out / "index.json").is_file():
-            manifest = synthesize(root / "data" / style, style, utterances=utterances, speakers=speakers, seed=seed)
+            manifest = synthesize(root / "data" / style, style, utterances=utterances, speakers=speakers, seed=seed,
+                                  overwrite=True)
             build_shards(read_corpus("manifest", manifest), out, corpus=f"demo-{style}", root=manifest,
                          max_shard_samples=8, progress=False)
     return root

@@ -43,7 +43,10 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -223,7 +226,7 @@ def speaker_groups(speakers: int) -> list[str]:
 
 
 def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 10, seed: int = 0,
-               sample_rate: int = 16000) -> Path:
+               sample_rate: int = 16000, overwrite: bool = False) -> Path:
     """Generate a synthetic emotional-speech corpus: ``OUT/wav/*.wav`` and ``OUT/manifest.jsonl``.
 
     Each speaker says each of the four emotions equally often (utterance ``i`` has emotion
@@ -232,13 +235,17 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
     give byte-identical files.
 
     Args:
-        out: output directory; created if missing. An earlier ``dser synth`` output there is
-            replaced; any other non-empty directory is refused.
+        out: output directory; created if missing, or empty. Synth writes a marker
+            (``.dser-synth.json``: its options and the sha256 of every file it wrote) and
+            publishes atomically (a hidden sibling renamed into place).
         style: ``acted`` or ``natural``.
         utterances: number of clips; at least 4 per speaker.
         speakers: number of speakers; at least 3 (one per group).
         seed: random seed (>= 0).
         sample_rate: output sample rate in Hz, 8000-48000.
+        overwrite: replace an earlier synth output (recognised by its marker, and holding
+            nothing but the files it lists, unchanged). Without a marker, OUT is replaced only
+            when it holds exactly the files this run generates (an older synth's output).
 
     Returns:
         The path of the manifest. Each row holds ``path`` (relative to the manifest's
@@ -249,10 +256,13 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
         ValueError: a bad argument or an unusable OUT, with what to change.
     """
     _check_arguments(out, style, utterances, speakers, seed, sample_rate)
-    out = Path(out)
+    out = Path(out).expanduser().absolute()
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final, out = out, out.parent / f".{out.name}.synth-partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)  # our own leftover of this pid
     manifest = out / "manifest.jsonl"
-    _clear_previous(out, manifest)
-    (out / "wav").mkdir(parents=True, exist_ok=True)
+    (out / "wav").mkdir(parents=True)
 
     voices = make_voices(style, speakers, seed)
     groups = speaker_groups(speakers)
@@ -272,7 +282,15 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
                      "speaker": voice.speaker, "gender": voice.gender, "group": groups[s],
                      "style": style})
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
+    try:
+        files = _tree(out)
+        (out / MARKER).write_text(json.dumps({
+            "format": MARKER_FORMAT, "style": style, "utterances": utterances, "speakers": speakers, "seed": seed,
+            "sample_rate": sample_rate, "files": files}, indent=1) + "\n")
+        _publish(out, final, overwrite)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # gone already when published
+    return final / "manifest.jsonl"
 
 
 def _is_int(x) -> bool:
@@ -297,23 +315,81 @@ def _check_arguments(out, style, utterances, speakers, seed, sample_rate) -> Non
         raise ValueError(f"OUT {out} is a file; give a directory")
 
 
-def _clear_previous(out: Path, manifest: Path) -> None:
-    """Remove an earlier synth output (its manifest and the WAVs it lists); refuse anything else."""
+MARKER = ".dser-synth.json"
+MARKER_FORMAT = "dser-synth/1"
+
+
+def _tree(out: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``out`` (the marker excepted); a symbolic
+    link or anything not a plain file is recorded as such, so it never matches what synth wrote."""
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(out))
+            if path.is_symlink():
+                files[rel] = "symbolic link"
+            elif path.is_file() and rel != MARKER:
+                files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif not path.is_dir() and rel != MARKER:
+                files[rel] = "not a file"
+    return files
+
+
+def _first_foreign(have: dict[str, str], ours: dict[str, str]) -> str | None:
+    """The first file of ``have`` that synth did not write as it is now (sorted), if any."""
+    return next((rel for rel in sorted(have) if ours.get(rel) != have[rel]), None)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before generating, an OUT that holds what synth did not write (per its marker)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file; choose a new or empty directory")
+    if out.is_symlink():
+        raise ValueError(f"OUT {out} is a symbolic link; give the directory itself, or a new one")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not manifest.is_file():
-        raise ValueError(f"OUT {out} is not empty and holds no manifest.jsonl from dser synth; "
-                         f"choose a new or empty directory")
+    marker = out / MARKER
+    if not marker.is_file():
+        return  # maybe an older synth output: compared with what this run generates, in _publish
     try:
-        old = [json.loads(line)["path"] for line in manifest.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{manifest} is not a dser synth manifest ({e}); choose a new or empty "
-                         f"directory") from e
-    for rel in old:
-        p = out / rel
-        if p.parent == out / "wav" and p.suffix == ".wav" and p.is_file():
-            p.unlink()
-    manifest.unlink()
+        meta = json.loads(marker.read_text())
+        ours = dict(meta["files"]) if meta.get("format") == MARKER_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ours = None
+    if ours is None:
+        raise ValueError(f"{marker}: not a dser synth marker; refusing to replace {out}: choose a new or empty "
+                         f"directory")
+    foreign = _first_foreign(_tree(out), ours)
+    if foreign is not None:
+        raise ValueError(f"OUT {out} holds {out / foreign}, which dser synth did not write (or which changed "
+                         f"since); refusing to replace it: move it out, or choose a new or empty directory")
+    if not overwrite:
+        raise ValueError(f"OUT {out} holds an earlier dser synth output; pass --overwrite to replace it, or "
+                         f"choose a new or empty directory")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``: into a new or empty OUT, over an earlier synth
+    output (``overwrite``), or over files byte-identical to what was generated (an older
+    synth's output without a marker: nothing is lost). Anything else is refused, naming it."""
+    _check_out(out, overwrite)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            have, ours = _tree(out), _tree(tmp)
+            foreign = _first_foreign(have, ours)
+            if foreign is not None:
+                raise ValueError(f"OUT {out} is not empty and holds {out / foreign}, which dser synth did not "
+                                 f"write (no {MARKER} there, and it differs from what this run generates); "
+                                 f"refusing to replace it: choose a new or empty directory")
+        old = tmp.with_name(tmp.name.replace(".synth-partial-", ".synth-old-"))
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)  # checked above: only files synth wrote
+    else:
+        if out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def test_same_seed_same_bytes_other_seed_other_audio(tmp_path):
     b = synthesize(tmp_path / "b", "natural", utterances=12, speakers=3, seed=7).parent
     c = synthesize(tmp_path / "c", "natural", utterances=12, speakers=3, seed=8).parent
     fa, fb, fc = files(a), files(b), files(c)
-    assert len(fa) == 13 and fa == fb
+    assert len(fa) == 14 and fa == fb  # 12 clips, the manifest, the marker
     assert fa.keys() == fc.keys()
     assert all(fa[k] != fc[k] for k in fa if k.endswith(".wav"))
 
@@ -283,17 +283,76 @@ def test_out_must_be_new_empty_or_an_earlier_synth_output(tmp_path):
         synthesize(tmp_path / "file", "acted", utterances=12, speakers=3)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty and holds no manifest.jsonl"):
+    with pytest.raises(ValueError, match=r"holds .*notes.txt, which dser synth did not write"):
         synthesize(tmp_path / "other", "acted", utterances=12, speakers=3)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other"]  # no temporary left
 
 
-def test_rerun_replaces_an_earlier_output(tmp_path):
-    synthesize(tmp_path, "acted", utterances=24, speakers=3)
-    manifest = synthesize(tmp_path, "natural", utterances=12, speakers=3)
+def test_rerun_replaces_an_earlier_output_only_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    synthesize(out, "acted", utterances=24, speakers=3)
+    with pytest.raises(ValueError, match="holds an earlier dser synth output; pass --overwrite"):
+        synthesize(out, "natural", utterances=12, speakers=3)
+    manifest = synthesize(out, "natural", utterances=12, speakers=3, overwrite=True)
     rows = _rows(manifest)
     assert len(rows) == 12 and {r["style"] for r in rows} == {"natural"}
-    assert len(list((tmp_path / "wav").iterdir())) == 12          # no stale clips left behind
+    assert len(list((out / "wav").iterdir())) == 12          # no stale clips left behind
+
+
+def _tree(root):
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_users_manifest_and_wavs_are_never_deleted(tmp_path):
+    """Our documented manifest format in the user's own directory: synth refuses, with and
+    without --overwrite, and every file stays byte-identical."""
+    user = tmp_path / "mycorpus"
+    (user / "wav").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        sf.write(user / "wav" / f"spk00_{i:04d}.wav", np.full(1600, 0.1 * (i + 1), dtype=np.float32), 16000)
+        rows.append({"path": f"wav/spk00_{i:04d}.wav", "emotion": "happy", "speaker": "me"})
+    (user / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = _tree(user)
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(main, ["synth", str(user), "--style", "acted", "--utterances", "12",
+                                           "--speakers", "3", *extra])
+        assert result.exit_code != 0 and "which dser synth did not write" in result.output
+        assert str(user) in result.output and "Traceback" not in result.output
+        assert _tree(user) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mycorpus"]
+
+
+def test_a_file_dropped_into_a_synth_output_is_never_deleted(tmp_path):
+    out = tmp_path / "out"
+    synthesize(out, "acted", utterances=12, speakers=3)
+    (out / "wav" / "mine.wav").write_bytes(b"my recording")
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"holds .*mine\.wav, which dser synth did not write"):
+        synthesize(out, "acted", utterances=12, speakers=3, overwrite=True)
+    assert _tree(out) == before
+    # A synth file the user changed is theirs now, too.
+    (out / "wav" / "mine.wav").unlink()
+    first = sorted((out / "wav").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:-2] + b"\0\0")
+    with pytest.raises(ValueError, match=f"holds .*{first.name}, which dser synth did not write"):
+        synthesize(out, "acted", utterances=12, speakers=3, overwrite=True)
+
+
+def test_an_older_synth_output_without_marker_is_replaced_only_when_identical(tmp_path):
+    out = tmp_path / "out"
+    synthesize(out, "acted", utterances=12, speakers=3, seed=4)
+    (out / ".dser-synth.json").unlink()  # as an older dser left it
+    synthesize(out, "acted", utterances=12, speakers=3, seed=4, overwrite=True)
+    assert (out / ".dser-synth.json").is_file()
+    (out / ".dser-synth.json").unlink()
+    before = _tree(out)
+    with pytest.raises(ValueError, match="differs from what this run generates"):
+        synthesize(out, "acted", utterances=12, speakers=3, seed=5, overwrite=True)
+    assert _tree(out) == before
 
 
 def test_cli_synth_writes_the_corpus_and_reports_errors_in_one_line(tmp_path):
