@@ -230,7 +230,7 @@ def report(runs_dir, out):
 @main.command()
 @click.option("--stage1", "stage1_config", type=click.Path(path_type=Path), help="Stage-1 run config.")
 @click.option("--stage2", "stage2_config", type=click.Path(path_type=Path), help="Stage-2 run config.")
-@click.option("--grid", type=click.Path(path_type=Path), help="Grid file (slurm/grid.sh format): a whole "
+@click.option("--grid", type=click.Path(path_type=Path), help="Grid file (YAML, like slurm/grid.yaml): a whole "
               "source x target grid instead of one pair.")
 @click.option("--nodes", default=1, show_default=True, help="Nodes per training job.")
 @click.option("--gpus-per-node", default=1, show_default=True, help="GPUs per node; 0 trains on CPUs.")
@@ -279,6 +279,44 @@ def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_
         failed += not ok
         click.echo(f"{ids[job.key]}  {job.what}: {','.join(final) or 'gone'}")
     sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("grid_file", type=click.Path(path_type=Path))
+@click.argument("query", nargs=-1)
+@click.option("--null", is_flag=True, help="End each value with a NUL byte instead of a newline (for bash: "
+              "mapfile -d '' -t ARRAY).")
+def grid(grid_file, query, null):
+    """Check GRID_FILE (YAML, like slurm/grid.yaml) and print what it holds, or one QUERY's values.
+
+    Without QUERY it checks the grid and both stage configs of every run (as dser submit does)
+    and prints the corpora and runs. With one, it prints that query's values, one per line:
+    name, corpora, sources, targets, set, stage1_config, stage2_config; corpus NAME FIELD
+    (FIELD: reader, root, train, valid, test, shard: its dser shard arguments); sets SOURCE
+    [TARGET]: the --set values of stage 1 on SOURCE, or of stage 2 from SOURCE onto TARGET.
+    slurm/cross_corpus.sh and slurm/shard.sh read them this way, as data: nothing in a grid
+    is ever executed.
+    """
+    from dser.grid import GridError, format_grid, grid_values, load_grid
+
+    try:
+        g = load_grid(grid_file)
+        if query:
+            end = "\0" if null else "\n"
+            sys.stdout.write("".join(v + end for v in grid_values(g, list(query))))
+            return
+        from dser.config import ConfigError
+        from dser.submit import plan_jobs
+
+        try:
+            jobs = plan_jobs(None, None, grid=g)
+        except (ConfigError, ValueError) as e:
+            raise UserError(f"{g.path}: {e}") from e
+    except GridError as e:
+        raise UserError(str(e)) from e
+    click.echo(format_grid(g))
+    click.echo(f"checked: the grid and the config of each of its {sum(j.script.name != 'shard.sh' for j in jobs)} "
+               f"runs")
 
 
 @main.command()

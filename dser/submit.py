@@ -19,14 +19,17 @@ Usage::
     ids = submit_jobs(jobs)                  # job key -> Slurm job id
     print(format_submitted(jobs, ids))
 
-    grid = load_grid(Path("slurm/grid.sh"))  # the grid file cross_corpus.sh reads
-    jobs = plan_jobs(grid.stage1_config, grid.stage2_config, grid=grid)
+    grid = load_grid(Path("slurm/grid.yaml"))  # the grid file cross_corpus.sh reads
+    jobs = plan_jobs(None, None, grid=grid)  # its stage1_config and stage2_config
+
+A grid file is data (YAML), never executed: :mod:`dser.grid` reads and checks it, and the
+slurm/ scripts get the same checked values from ``dser grid FILE QUERY`` (every run's
+``--set`` values from :func:`dser.grid.run_overrides`, as here).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shlex
@@ -35,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dser.grid import Grid, GridError, config_path, load_grid, run_overrides  # noqa: F401  (re-exported too)
 from dser.runconfig import resolve_config
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -42,15 +46,11 @@ SLURM_DIR = CHECKOUT / "slurm"
 
 
 class SubmitError(RuntimeError):
-    """sbatch (or the grid file) failed; the message says which command and why."""
-
-
-class GridError(ValueError):
-    """A grid file the user must fix; the message names the file and the row or variable."""
+    """sbatch failed; the message says which command and why."""
 
 
 # ------------------------------------------------------------------------------------------
-# resources and the grid
+# resources
 # ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -108,79 +108,6 @@ class Resources:
         return out + self.common_options()
 
 
-@dataclass
-class Corpus:
-    """One row of a grid's CORPORA table."""
-
-    name: str
-    reader: str
-    root: str
-    train: list[str]
-    valid: list[str]
-    test: list[str]
-    options: list[str]
-
-
-@dataclass
-class Grid:
-    """A cross-corpus grid file (``slurm/grid.sh``), as bash reads it."""
-
-    path: Path
-    corpora: dict[str, Corpus]
-    sources: list[str]
-    targets: list[str]
-    stage1_config: Path | None
-    stage2_config: Path | None
-    overrides: list[str]
-    name: str
-
-
-_READ_GRID = r"""
-CORPORA=() SOURCES=() TARGETS=() SET=() STAGE1_CONFIG= STAGE2_CONFIG= GRID_NAME=cross-corpus
-source "$1" >/dev/null || exit 3
-emit() { local -n a=$1; printf '%s\0' "${#a[@]}" "${a[@]}"; }
-emit CORPORA; emit SOURCES; emit TARGETS; emit SET
-printf '%s\0' "$STAGE1_CONFIG" "$STAGE2_CONFIG" "$GRID_NAME"
-"""
-
-
-def load_grid(path: Path) -> Grid:
-    """Read a grid file the way ``slurm/cross_corpus.sh`` does: by sourcing it in bash.
-
-    Raises:
-        GridError: missing file, bash errors, a malformed CORPORA row, or a SOURCES/TARGETS
-            name that is not a corpus.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GridError(f"grid file {path} not found (see slurm/grid.sh for the format)")
-    r = subprocess.run(["bash", "-c", _READ_GRID, "grid", str(path)], capture_output=True)
-    if r.returncode != 0:
-        raise GridError(f"{path}: bash could not read it: {r.stderr.decode(errors='replace').strip()}")
-    fields = r.stdout.decode().split("\0")
-    arrays = []
-    for _ in range(4):
-        n = int(fields.pop(0))
-        arrays.append(fields[:n])
-        del fields[:n]
-    rows, sources, targets, overrides = arrays
-    stage1, stage2, name = fields[:3]
-    corpora = {}
-    for i, row in enumerate(rows):
-        cols = row.split()  # as bash's `read -r -a`: whitespace, no quoting
-        if len(cols) < 6:
-            raise GridError(f"{path}: CORPORA row {i} is not \"NAME READER ROOT TRAIN VALID TEST [options]\": {row!r}")
-        name_, reader, root, train, valid, test = cols[:6]
-        corpora[name_] = Corpus(name_, reader, root, train.split(","), valid.split(","), test.split(","), cols[6:])
-    if not sources or not targets:
-        raise GridError(f"{path}: SOURCES and TARGETS must each name at least one corpus")
-    for c in sources + targets:
-        if c not in corpora:
-            raise GridError(f"{path}: '{c}' is in SOURCES/TARGETS but not in CORPORA ({', '.join(corpora)})")
-    return Grid(path.resolve(), corpora, sources, targets, Path(stage1) if stage1 else None,
-                Path(stage2) if stage2 else None, overrides, name or "cross-corpus")
-
-
 # ------------------------------------------------------------------------------------------
 # the plan: which jobs, with which arguments, after which
 # ------------------------------------------------------------------------------------------
@@ -214,18 +141,6 @@ def _key(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_") for p in parts)
 
 
-def _config_path(path: Path) -> Path:
-    """A config as given, else relative to the checkout (how the grid names the demo configs)."""
-    path = Path(path)
-    if path.is_file() or path.is_absolute():
-        return path
-    return CHECKOUT / path if (CHECKOUT / path).is_file() else path
-
-
-def _yaml_list(paths: list[str]) -> str:
-    return json.dumps(paths)  # JSON is YAML: a flow list the recipe's --set parses
-
-
 def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: Grid | None = None,
               resources: Resources | None = None, overrides: list[str] = (), runs_dir: Path | None = None,
               name: str | None = None, shards_dir: Path | None = None, scripts_dir: Path = SLURM_DIR,
@@ -238,15 +153,15 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
     source, target and rehearsal set as ``slurm/cross_corpus.sh`` sets them.
 
     Args:
-        stage1_config: stage-1 run config (with a grid: default the grid's STAGE1_CONFIG).
-        stage2_config: stage-2 run config (with a grid: default the grid's STAGE2_CONFIG).
+        stage1_config: stage-1 run config (with a grid: default the grid's stage1_config).
+        stage2_config: stage-2 run config (with a grid: default the grid's stage2_config).
         grid: a grid from :func:`load_grid`, or None.
         resources: what each training job asks for.
         overrides: ``KEY=VALUE`` config overrides for both stages (after the grid's).
         runs_dir: where run directories go (default: the stage-1 config's ``runs_dir``;
             with a grid, ``$RUNS_DIR`` or ``runs``).
         name: the run group: runs go to ``runs_dir/NAME/…`` (default: with a grid its
-            GRID_NAME, else ``runs_dir/<config name>-<time>`` per stage).
+            name, else ``runs_dir/<config name>-<time>`` per stage).
         shards_dir: where grid corpora are sharded (default ``$SHARDS_DIR`` or ``shards``).
         scripts_dir: the slurm/ directory with the scripts.
         logs_dir: where Slurm logs go (default ``$LOGS_DIR``, else ``scripts_dir/logs``, as
@@ -266,8 +181,8 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
         stage2_config = stage2_config or grid.stage2_config
     if not stage1_config or not stage2_config:
         raise ValueError("give both --stage1 CONFIG and --stage2 CONFIG (or a --grid whose file sets "
-                         "STAGE1_CONFIG and STAGE2_CONFIG)")
-    cfg1_path, cfg2_path = _config_path(stage1_config), _config_path(stage2_config)
+                         "stage1_config and stage2_config)")
+    cfg1_path, cfg2_path = config_path(stage1_config), config_path(stage2_config)
     train_opts = resources.training_options()
 
     def job(key, what, job_name, script, args, after, output):
@@ -293,11 +208,6 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
     shards = Path(shards_dir or os.environ.get("SHARDS_DIR") or "shards")
     root = Path(runs_dir or os.environ.get("RUNS_DIR") or "runs") / (name or grid.name)
 
-    def groups(corpus: str, split: str) -> str:
-        return _yaml_list([str(shards / corpus / g) for g in getattr(grid.corpora[corpus], split)])
-
-    test_sets = "{" + ", ".join(f"{json.dumps(c)}: {groups(c, 'test')}" for c in grid.corpora) + "}"
-    user = grid.overrides + overrides
     jobs: list[Job] = []
     names = list(grid.corpora)
     need = [i for i, c in enumerate(names) if not (shards / c / "index.json").is_file()]
@@ -308,8 +218,7 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
         jobs[-1].options.insert(0, "--array=" + ",".join(map(str, need)))
         after_shards = ["shard"]
     for s in grid.sources:
-        sets = [f"data.train={groups(s, 'train')}", f"data.valid={groups(s, 'valid')}", f"data.test={test_sets}",
-                f"source={s}", "target=null", *user]
+        sets = [*run_overrides(grid, shards, s), *overrides]
         resolve_config(cfg1_path, sets, stage=1)
         run1 = root / f"stage1-{s}"
         jobs.append(job(_key("stage1", s), f"stage 1 {s}", f"dser-s1-{s}", scripts_dir / "stage1.sh",
@@ -318,8 +227,7 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
         for t in grid.targets:
             if s == t:
                 continue
-            sets = [f"data.train={groups(t, 'train')}", f"data.valid={groups(t, 'valid')}", f"data.test={test_sets}",
-                    f"source={s}", f"target={t}", f"data.rehearsal.shards={groups(s, 'train')}", *user]
+            sets = [*run_overrides(grid, shards, s, t), *overrides]
             resolve_config(cfg2_path, sets, stage=2)
             run2 = root / f"stage2-{s}-to-{t}"
             jobs.append(job(_key("stage2", s, "to", t), f"stage 2 {s} -> {t}", f"dser-s2-{s}-to-{t}",

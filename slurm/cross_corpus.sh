@@ -3,9 +3,9 @@
 # (natural) corpus, stage 1 on the source, then stage 2 on the target once that stage 1 has
 # succeeded, both evaluated on the test set of every corpus in the grid.
 #
-#   sbatch slurm/cross_corpus.sh [GRID_FILE]        # default slurm/grid.sh: the demo corpora
+#   sbatch slurm/cross_corpus.sh [GRID_FILE]        # default slurm/grid.yaml: the demo corpora
 #   sbatch --wait slurm/cross_corpus.sh             # … and return when the whole grid has ended
-#   bash slurm/cross_corpus.sh my_grid.sh           # from a login node: submit, print, return
+#   bash slurm/cross_corpus.sh my_grid.yaml         # from a login node: submit, print, return
 #   dser report runs/cross-corpus                   # the table and heatmap (this job prints it too)
 #
 # Jobs it submits (ids and run directories are printed):
@@ -17,6 +17,11 @@
 # stage ends by evaluating its best weights on all of those test sets, so a run's metrics.json
 # holds its half of the report row. A run directory that already finished is skipped, and an
 # unfinished one resumes: submitting the grid again completes it.
+#
+# The grid file is data (YAML), never sourced or run: `dser grid GRID_FILE` checks it and both
+# stage configs before anything is submitted, and every value comes back from `dser grid
+# GRID_FILE QUERY --null` into a bash array, so text in it ($(…), `…`, ;, spaces) stays text.
+# A bash grid (grid.sh, before) is refused with a line saying how to write it as YAML.
 #
 # As a batch job it then waits for them all (polling squeue every GRID_POLL seconds, default
 # 30), cancels stage-2 jobs whose stage 1 failed (they would pend forever with
@@ -48,52 +53,31 @@ source "$DSER_HOME/slurm/env.sh"
 
 die() { echo "dser: error: $*" >&2; exit 2; }
 
-grid=${1:-$DSER_HOME/slurm/grid.sh}
+grid=${1:-$DSER_HOME/slurm/grid.yaml}
 [[ -f $grid ]] || die "grid file $grid not found"
 grid=$(realpath "$grid")
-CORPORA=() SOURCES=() TARGETS=() SET=() GRID_NAME=cross-corpus
-source "$grid"
 
-# ---- the grid, checked ---------------------------------------------------------------------
-declare -A row_of
-names=()
-for i in "${!CORPORA[@]}"; do
-  read -r -a r <<<"${CORPORA[$i]}"
-  ((${#r[@]} >= 6)) ||
-    die "$grid: CORPORA row $i is not \"NAME READER ROOT TRAIN VALID TEST [options]\": ${CORPORA[$i]}"
-  row_of[${r[0]}]=$i
-  names+=("${r[0]}")
-done
-((${#SOURCES[@]} && ${#TARGETS[@]})) || die "$grid: SOURCES and TARGETS must each name at least one corpus"
-for c in "${SOURCES[@]}" "${TARGETS[@]}"; do
-  [[ -n ${row_of[$c]:-} ]] || die "$grid: '$c' is in SOURCES/TARGETS but not in CORPORA (${names[*]})"
-done
-config_path() { # a config relative to here, else to the checkout
-  if [[ -f $1 ]]; then
-    echo "$1"
-  elif [[ -f $DSER_HOME/$1 ]]; then
-    echo "$DSER_HOME/$1"
-  else
-    die "$grid: config $1 not found"
-  fi
+# ---- the grid, checked ----------------------------------------------------------------------
+"${DSER[@]}" grid "$grid" || exit 2   # the grid and every run's config; one line naming the key if not
+grid_get() { # grid_get ARRAY QUERY…: the values of `dser grid $grid QUERY…`, one per element
+  local -n _grid_values=$1
+  mapfile -d '' -t _grid_values < <("${DSER[@]}" grid --null "$grid" "${@:2}")
+  wait $! || exit 2
 }
-cfg1=$(config_path "$STAGE1_CONFIG") || exit
-cfg2=$(config_path "$STAGE2_CONFIG") || exit
-
-# shard_list NAME COLUMN: a corpus's shard groups of one column (3 train, 4 valid, 5 test), as a YAML list
-shard_list() {
-  local -a r g
-  read -r -a r <<<"${CORPORA[${row_of[$1]}]}"
-  IFS=, read -r -a g <<<"${r[$2]}"
-  local out="" x
-  for x in "${g[@]}"; do out+="${out:+, }\"$SHARDS_DIR/$1/$x\""; done
-  echo "[$out]"
+grid_get names corpora        # in file order: shard.sh's array task i is names[i]
+grid_get sources sources
+grid_get targets targets
+grid_get value name; GRID_NAME=${value[0]}
+grid_get value stage1_config; cfg1=${value[0]}   # a path, found here or in the checkout
+grid_get value stage2_config; cfg2=${value[0]}
+# set_args SOURCE [TARGET]: --set KEY=VALUE for each override of that run (the grid's `set` last)
+set_args() {
+  local -a sets
+  local x
+  grid_get sets sets "$@"
+  run_sets=()
+  for x in "${sets[@]}"; do run_sets+=(--set "$x"); done
 }
-test_sets=""
-for c in "${names[@]}"; do test_sets+="${test_sets:+, }\"$c\": $(shard_list "$c" 5)"; done
-test_sets="{$test_sets}"
-user_sets=()
-for s in "${SET[@]}"; do user_sets+=(--set "$s"); done
 
 read -r -a stage_sbatch <<<"${STAGE_SBATCH:-}"
 read -r -a shard_sbatch <<<"${SHARD_SBATCH:-}"
@@ -118,8 +102,8 @@ printf '%-10s %-34s %s\n' JOB WHAT "RUN DIRECTORY"
 
 # ---- 1. shards that are missing: one array task each ----------------------------------------
 need=() need_names=()
-for c in "${names[@]}"; do
-  [[ -f $SHARDS_DIR/$c/index.json ]] || { need+=("${row_of[$c]}"); need_names+=("$c"); }
+for i in "${!names[@]}"; do
+  [[ -f $SHARDS_DIR/${names[$i]}/index.json ]] || { need+=("$i"); need_names+=("${names[$i]}"); }
 done
 after_shards=()
 if ((${#need[@]})); then
@@ -131,27 +115,24 @@ fi
 
 # ---- 2. stage 1 on every source -------------------------------------------------------------
 declare -A stage1_job
-for s in "${SOURCES[@]}"; do
+for s in "${sources[@]}"; do
   run1=$runs/stage1-$s
+  set_args "$s"
   job=$(submit --job-name="dser-s1-$s" --output="$LOGS_DIR/%x-%j.out" "${after_shards[@]}" "${stage_sbatch[@]}" \
-    "$DSER_HOME/slurm/stage1.sh" "$run1" "$cfg1" \
-    --set "data.train=$(shard_list "$s" 3)" --set "data.valid=$(shard_list "$s" 4)" \
-    --set "data.test=$test_sets" --set "source=$s" --set target=null "${user_sets[@]}") || exit
+    "$DSER_HOME/slurm/stage1.sh" "$run1" "$cfg1" "${run_sets[@]}") || exit
   stage1_job[$s]=$job
   record "$job" "stage 1 $s" "$run1"
 done
 
 # ---- 3. stage 2 on every target, after its source's stage 1 succeeded -----------------------
-for s in "${SOURCES[@]}"; do
-  for t in "${TARGETS[@]}"; do
+for s in "${sources[@]}"; do
+  for t in "${targets[@]}"; do
     [[ $s == "$t" ]] && continue
     run2=$runs/stage2-$s-to-$t
+    set_args "$s" "$t"
     job=$(submit --job-name="dser-s2-$s-to-$t" --dependency="afterok:${stage1_job[$s]}" \
       --output="$LOGS_DIR/%x-%j.out" "${stage_sbatch[@]}" \
-      "$DSER_HOME/slurm/stage2.sh" "$run2" "$cfg2" "$runs/stage1-$s" \
-      --set "data.train=$(shard_list "$t" 3)" --set "data.valid=$(shard_list "$t" 4)" \
-      --set "data.test=$test_sets" --set "source=$s" --set "target=$t" \
-      --set "data.rehearsal.shards=$(shard_list "$s" 3)" "${user_sets[@]}") || exit
+      "$DSER_HOME/slurm/stage2.sh" "$run2" "$cfg2" "$runs/stage1-$s" "${run_sets[@]}") || exit
     record "$job" "stage 2 $s -> $t" "$run2"
   done
 done

@@ -1,13 +1,15 @@
 #!/bin/bash
-# Shard several corpora on Slurm: an array job, one task per corpus of a grid file's CORPORA table.
+# Shard several corpora on Slurm: an array job, one task per corpus of a grid file's corpora.
 #
-#   sbatch --array=0-N slurm/shard.sh [GRID_FILE]      # task i shards row i (default slurm/grid.sh)
+#   sbatch --array=0-N slurm/shard.sh [GRID_FILE]      # task i shards corpus i (default slurm/grid.yaml)
 #
 #   sbatch --array=0-1 slurm/shard.sh                  # the two demo corpora
-#   sbatch --array=0-4%2 --cpus-per-task=16 slurm/shard.sh my_grid.sh   # five, two at a time
+#   sbatch --array=0-4%2 --cpus-per-task=16 slurm/shard.sh my_grid.yaml   # five, two at a time
 #
-# Row i of CORPORA (see slurm/grid.sh) is "NAME READER ROOT TRAIN VALID TEST [dser shard options…]";
-# the task runs `dser shard READER ROOT $SHARDS_DIR/NAME --workers <cpus> [options]`. Readers
+# Corpus i is the i-th under `corpora:` (`dser grid GRID_FILE corpora` lists them in order);
+# the task runs `dser shard --workers <cpus> [its shard: options] -- READER ROOT $SHARDS_DIR/NAME`.
+# The grid is data, never sourced: each value comes from `dser grid GRID_FILE QUERY --null`
+# into a bash array, so text in it stays text; a bash grid (grid.sh) is refused. Readers
 # synth-acted and synth-natural are the demo corpora: generated first with `dser synth` into
 # ROOT (unless ROOT/manifest.jsonl exists; SYNTH_ARGS adds options, e.g. "--utterances 96"),
 # then sharded with the manifest reader. A corpus whose $SHARDS_DIR/NAME/index.json exists is
@@ -33,22 +35,24 @@ if [[ -z ${DSER_HOME:-} ]]; then
 fi
 source "$DSER_HOME/slurm/env.sh"
 
-grid=${1:-$DSER_HOME/slurm/grid.sh}
+grid=${1:-$DSER_HOME/slurm/grid.yaml}
 [[ -f $grid ]] || { echo "dser: error: grid file $grid not found" >&2; exit 2; }
-source "$grid"
-task=${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-$((${#CORPORA[@]} - 1)) slurm/shard.sh $grid}
-if ((task >= ${#CORPORA[@]})); then
-  echo "dser: error: array task $task but $grid has ${#CORPORA[@]} corpora (rows 0-$((${#CORPORA[@]} - 1)))" >&2
+grid_get() { # grid_get ARRAY QUERY…: the values of `dser grid $grid QUERY…`, one per element
+  local -n _grid_values=$1
+  mapfile -d '' -t _grid_values < <("${DSER[@]}" grid --null "$grid" "${@:2}")
+  wait $! || exit 2
+}
+grid_get names corpora
+task=${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-$((${#names[@]} - 1)) slurm/shard.sh $grid}
+if [[ ! $task =~ ^[0-9]+$ ]] || ((task >= ${#names[@]})); then
+  echo "dser: error: array task $task but $grid has ${#names[@]} corpora (tasks 0-$((${#names[@]} - 1)))" >&2
   exit 2
 fi
 
-read -r -a row <<<"${CORPORA[$task]}"
-if ((${#row[@]} < 6)); then
-  echo "dser: error: $grid CORPORA row $task is not" \
-    "\"NAME READER ROOT TRAIN VALID TEST [options]\": ${CORPORA[$task]}" >&2
-  exit 2
-fi
-name=${row[0]} reader=${row[1]} root=${row[2]} options=("${row[@]:6}")
+name=${names[$task]}
+grid_get value corpus "$name" reader; reader=${value[0]}
+grid_get value corpus "$name" root; root=${value[0]}
+grid_get options corpus "$name" shard    # --option=value each: never read as another option
 out=$SHARDS_DIR/$name
 if [[ -f $out/index.json && ${RESHARD:-0} != 1 ]]; then
   echo "dser: $out exists (index.json): kept (RESHARD=1 rebuilds it)"
@@ -61,12 +65,14 @@ case $reader in
     seed=$([[ $style == acted ]] && echo 1 || echo 2)   # the seeds `dser demo` uses
     if [[ ! -f $root/manifest.jsonl ]]; then
       # shellcheck disable=SC2086  # SYNTH_ARGS is a list of options
-      "${DSER[@]}" synth "$root" --style "$style" --seed "$seed" ${SYNTH_ARGS:-} || exit
+      "${DSER[@]}" synth --style "$style" --seed "$seed" ${SYNTH_ARGS:-} -- "$root" || exit
     fi
     reader=manifest root=$root/manifest.jsonl
     ;;
 esac
 
 echo "dser: task $task: $name ($reader $root) -> $out"
-"${DSER[@]}" shard "$reader" "$root" "$out" --workers "${SLURM_CPUS_PER_TASK:-1}" \
-  $([[ ${RESHARD:-0} == 1 ]] && echo --overwrite) "${options[@]}"
+overwrite=()
+[[ ${RESHARD:-0} == 1 ]] && overwrite=(--overwrite)
+# `--`: a root that begins with '-' is still a path
+"${DSER[@]}" shard --workers "${SLURM_CPUS_PER_TASK:-1}" "${overwrite[@]}" "${options[@]}" -- "$reader" "$root" "$out"

@@ -5,8 +5,10 @@ are missing, starts munged, slurmctld and slurmd on this machine and stops them 
 Every job runs the real recipe on the demo corpora (small) with the tiny backbone: 2 CPU
 ranks per training job (``--gpus-per-node=0 --ntasks-per-node=2``), a few steps.
 
-1. ``sbatch --wait slurm/cross_corpus.sh GRID``: shard array job, stage 1, stage 2 after it,
-   the report; every run's metrics.json; ``dser report`` from the command line.
+1. ``sbatch --wait slurm/cross_corpus.sh GRID`` (a YAML grid): shard array job, stage 1,
+   stage 2 after it, the report; every run's metrics.json; ``dser report`` from the command line.
+1b. ``sbatch slurm/cross_corpus.sh`` with no argument: the shipped slurm/grid.yaml is read and
+   checked, and its shard, stage-1 and stage-2 jobs are queued (held, then cancelled).
 2. ``dser submit`` (stage 1 + dependent stage 2), with stage 1 preempted by SIGUSR1 halfway:
    it checkpoints, requeues itself and resumes; stage 2 starts only after it has finished.
 3. ``dser submit`` whose stage 1 fails: stage 2 never starts (cancelled, no run directory).
@@ -37,16 +39,17 @@ SHORT = ["optim.max_steps=10", "optim.warmup_steps=2", "train.eval_every=10", "t
          "train.progress=false"]
 
 GRID = f"""\
-CORPORA=(
-  "demo-acted    synth-acted    data/acted    train  valid  test  --max-shard-samples 8"
-  "demo-natural  synth-natural  data/natural  train  valid  test  --max-shard-samples 8"
-)
-SOURCES=(demo-acted)
-TARGETS=(demo-natural)
-STAGE1_CONFIG=dser/configs/demo_stage1.yaml
-STAGE2_CONFIG=dser/configs/demo_stage2.yaml
-SET=({' '.join(SHORT)})
-GRID_NAME=grid
+name: grid
+corpora:
+  demo-acted:   {{reader: synth-acted, root: data/acted, train: [train], valid: [valid], test: [test],
+                 shard: {{max-shard-samples: 8}}}}
+  demo-natural: {{reader: synth-natural, root: data/natural, train: [train], valid: [valid], test: [test],
+                 shard: {{max-shard-samples: 8}}}}
+sources: [demo-acted]
+targets: [demo-natural]
+stage1_config: dser/configs/demo_stage1.yaml
+stage2_config: dser/configs/demo_stage2.yaml
+set: [{', '.join(SHORT)}]
 """
 
 
@@ -55,7 +58,7 @@ def workdir(tmp_path_factory) -> Path:
     """The jobs' working directory: shards/, data/, runs/ and logs/ go here, not into the repo."""
     root = tmp_path_factory.mktemp("slurm_work")
     (root / "logs").mkdir()
-    (root / "grid.sh").write_text(GRID)
+    (root / "grid.yaml").write_text(GRID)
     return root
 
 
@@ -115,7 +118,7 @@ def test_cross_corpus_grid_with_sbatch_wait(slurm, workdir):
     env = job_env(slurm, workdir, SYNTH_ARGS="--utterances 96 --speakers 6", STAGE_SBATCH=" ".join(CPU_JOB),
                   SHARD_SBATCH="--cpus-per-task=1", GRID_POLL="2")
     r = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={workdir / 'logs' / 'grid-%j.out'}",
-                        str(SLURM_DIR / "cross_corpus.sh"), "grid.sh"],
+                        str(SLURM_DIR / "cross_corpus.sh"), "grid.yaml"],
                        cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     driver = r.stdout.strip().split(";")[0]
     log = (workdir / "logs" / f"grid-{driver}.out").read_text()
@@ -162,6 +165,34 @@ def test_cross_corpus_grid_with_sbatch_wait(slurm, workdir):
     import matplotlib.image
     img = matplotlib.image.imread(workdir / "report" / "target_gain.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_cross_corpus_without_arguments_queues_the_shipped_grid(slurm, workdir):
+    here = workdir / "default"  # no shards here: the grid needs its shard job
+    (here / "logs").mkdir(parents=True)
+    # held, so nothing runs: the driver only reads the shipped grid and queues its jobs
+    env = job_env(slurm, workdir, LOGS_DIR=str(here / "logs"), GRID_WAIT="0",
+                  STAGE_SBATCH=" ".join(["--hold", *CPU_JOB]), SHARD_SBATCH="--hold --cpus-per-task=1")
+    r = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={here / 'logs' / 'grid-%j.out'}",
+                        str(SLURM_DIR / "cross_corpus.sh")], cwd=here, env=env, capture_output=True, text=True,
+                       timeout=300)
+    driver = r.stdout.strip().split(";")[0]
+    log = (here / "logs" / f"grid-{driver}.out").read_text()
+    ids = {" ".join(line.split()[1:3]): line.split()[0] for line in log.splitlines()
+           if line.split() and line.split()[0].isdigit()}
+    try:
+        assert r.returncode == 0, f"{r.stderr}\n{log}"
+        assert f"grid cross-corpus ({SLURM_DIR / 'grid.yaml'})" in log and "checked: the grid and the config" in log
+        assert "dser: submitted 3 jobs; afterwards: dser report runs/cross-corpus" in log
+        shard, s1, s2 = (slurm.job(ids[k]) for k in ("shard demo-acted", "stage 1", "stage 2"))
+        assert shard["JobName"] == "dser-shard" and shard["ArrayTaskId"] in ("0-1", "0,1")
+        assert s1["JobName"] == "dser-s1-demo-acted" and f"afterok:{ids['shard demo-acted']}" in s1["Dependency"]
+        assert s2["JobName"] == "dser-s2-demo-acted-to-demo-natural" and f"afterok:{ids['stage 1']}" in s2["Dependency"]
+        assert all(j["JobState"] == "PENDING" for j in (shard, s1, s2))
+    finally:
+        if ids:
+            slurm.run(["scancel", *ids.values()], check=False)
+    assert not (here / "data").exists() and not list((here / "runs" / "cross-corpus").iterdir())
 
 
 def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, workdir, demo_shards):

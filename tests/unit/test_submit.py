@@ -1,6 +1,7 @@
-"""dser.submit without a cluster: grid files, the job plan, sbatch command lines, --dry-run.
+"""dser.submit without a cluster: grids in the job plan, sbatch command lines, --dry-run.
 
-Submitting to a real Slurm is tests/integration/test_slurm.py.
+Grid files themselves (checks, `dser grid`, the slurm/ scripts reading them) are
+tests/unit/test_grid.py; submitting to a real Slurm is tests/integration/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -13,24 +14,25 @@ from pathlib import Path
 import pytest
 
 from dser.config import ConfigError
-from dser.submit import (CHECKOUT, SLURM_DIR, GridError, Resources, format_dry_run, format_submitted, load_grid,
-                         plan_jobs, runs_root, sbatch_command)
+from dser.grid import load_grid
+from dser.submit import (CHECKOUT, SLURM_DIR, Resources, format_dry_run, format_submitted, plan_jobs, runs_root,
+                         sbatch_command)
 
 CFG1 = CHECKOUT / "dser" / "configs" / "demo_stage1.yaml"
 CFG2 = CHECKOUT / "dser" / "configs" / "demo_stage2.yaml"
 
 GRID = """\
-CORPORA=(
-  "crema-d      crema-d      /data/CREMA-D   fold0,fold1,fold2  fold3        fold4  --max-shard-mb 64"
-  "ravdess      ravdess      /data/RAVDESS   fold0,fold1,fold2  fold3        fold4"
-  "msp-podcast  msp-podcast  /data/MSP       Train              Development  Test1"
-)
-SOURCES=(crema-d ravdess)
-TARGETS=(msp-podcast crema-d)
-STAGE1_CONFIG=dser/configs/demo_stage1.yaml
-STAGE2_CONFIG=dser/configs/demo_stage2.yaml
-SET=(optim.max_steps=50 seed=3)
-GRID_NAME=paper
+corpora:
+  crema-d:     {reader: crema-d, root: /data/CREMA-D, train: [fold0, fold1, fold2], valid: [fold3], test: [fold4],
+                shard: {max-shard-mb: 64}}
+  ravdess:     {reader: ravdess, root: /data/RAVDESS, train: [fold0, fold1, fold2], valid: [fold3], test: [fold4]}
+  msp-podcast: {reader: msp-podcast, root: /data/MSP, train: [Train], valid: [Development], test: [Test1]}
+sources: [crema-d, ravdess]
+targets: [msp-podcast, crema-d]
+stage1_config: dser/configs/demo_stage1.yaml
+stage2_config: dser/configs/demo_stage2.yaml
+set: [optim.max_steps=50, seed=3]
+name: paper
 """
 
 
@@ -109,7 +111,7 @@ echo "$stage1 $stage2"
 
 
 def test_repository_grid_is_the_demo(monkeypatch, tmp_path):
-    grid = load_grid(SLURM_DIR / "grid.sh")
+    grid = load_grid(SLURM_DIR / "grid.yaml")
     assert list(grid.corpora) == ["demo-acted", "demo-natural"]
     assert (grid.sources, grid.targets) == (["demo-acted"], ["demo-natural"])
     assert grid.corpora["demo-acted"].reader == "synth-acted"
@@ -120,8 +122,8 @@ def test_repository_grid_is_the_demo(monkeypatch, tmp_path):
 
 
 def test_grid_plan_shards_then_every_source_then_every_pair(tmp_path):
-    (tmp_path / "grid.sh").write_text(GRID)
-    grid = load_grid(tmp_path / "grid.sh")
+    (tmp_path / "grid.yaml").write_text(GRID)
+    grid = load_grid(tmp_path / "grid.yaml")
     shards = tmp_path / "shards"
     (shards / "ravdess").mkdir(parents=True)
     (shards / "ravdess" / "index.json").write_text("{}")  # already sharded: no task for it
@@ -133,6 +135,7 @@ def test_grid_plan_shards_then_every_source_then_every_pair(tmp_path):
 
     shard = by_key["shard"]
     assert "--array=0,2" in shard.options and shard.args == [str(grid.path)]
+    assert grid.corpora["crema-d"].shard_args == ["--max-shard-mb=64"]
     assert "--cpus-per-task=8" in shard.options and not any("gpus" in o for o in shard.options)
 
     s1 = by_key["stage1_ravdess"]
@@ -162,22 +165,6 @@ def test_grid_plan_shards_then_every_source_then_every_pair(tmp_path):
     assert jobs[0].key == "stage1_crema_d" and jobs[0].after == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ('CORPORA=("a r /x train valid")\nSOURCES=(a)\nTARGETS=(a)', "CORPORA row 0"),
-    ('CORPORA=("a r /x t v t")\nSOURCES=(a)\nTARGETS=(b)', "'b' is in SOURCES/TARGETS but not in CORPORA"),
-    ('CORPORA=("a r /x t v t")\nSOURCES=()\nTARGETS=(a)', "SOURCES and TARGETS"),
-    ('CORPORA=(\n', "bash could not read it"),
-])
-def test_bad_grid_files_name_the_file_and_the_problem(tmp_path, body, message):
-    path = tmp_path / "my_grid.sh"
-    path.write_text(body + "\n")
-    with pytest.raises(GridError, match="my_grid.sh") as e:
-        load_grid(path)
-    assert message in str(e.value)
-    with pytest.raises(GridError, match="not found"):
-        load_grid(tmp_path / "missing.sh")
-
-
 def test_submitted_table_names_ids_dependencies_runs_and_logs(tmp_path):
     jobs = plan_jobs(CFG1, CFG2, logs_dir=tmp_path, stamp="20261124-010203")
     text = format_submitted(jobs, {"stage1": "11", "stage2": "12"})
@@ -203,7 +190,7 @@ def test_cli_dry_run_and_errors(tmp_path, monkeypatch):
     assert "--time=1:00:00" in lines[0] and "--ntasks-per-node=2" in lines[0]
     assert not (tmp_path / "logs").exists()  # a dry run submits and creates nothing
 
-    r = runner.invoke(main, ["submit", "--grid", str(tmp_path / "missing.sh"), "--dry-run"])
+    r = runner.invoke(main, ["submit", "--grid", str(tmp_path / "missing.yaml"), "--dry-run"])
     assert r.exit_code == 1 and "grid file" in r.output and "not found" in r.output
     r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--dry-run"])
     assert r.exit_code == 1 and "--stage2" in r.output
