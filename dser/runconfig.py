@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -152,6 +152,58 @@ def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunCo
     if not 0.0 <= cfg.data.rehearsal.share < 1.0:
         raise ConfigError("config.data.rehearsal.share: must be in [0, 1)")
     return cfg
+
+
+# Step counts of the schedule and the least value each may take.
+_SCHEDULE_MINIMUM = {"optim.max_steps": 1, "optim.grad_accum": 1, "optim.warmup_steps": 0,
+                     "train.log_every": 1, "train.eval_every": 1, "train.save_every": 1, "train.keep_last": 0,
+                     "train.early_stopping": 0, "train.stop_after_steps": 0, "train.max_bad_samples": 0,
+                     "train.max_nonfinite_steps": 0}
+# Intervals: one longer than the run would never come round (save_every: no checkpoint at all).
+_INTERVALS = ("train.log_every", "train.eval_every", "train.save_every")
+
+
+def check_schedule(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """Check the schedule's step counts before anything starts; clamp intervals longer than the run.
+
+    Args:
+        cfg: the resolved run config.
+
+    Returns:
+        ``(cfg, notes)``: the config with every interval (``train.log_every``, ``eval_every``,
+        ``save_every``) at most ``optim.max_steps``, and one note per key clamped (or a warm-up
+        longer than the run, left as it is).
+
+    Raises:
+        ConfigError: naming the key: ``optim.max_steps`` < 1, an interval < 1, a negative count,
+            ``optim.min_lr_ratio`` outside [0, 1].
+    """
+    def field_of(key: str):
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        return obj, name, next(f for f in fields(obj) if f.name == name).metadata.get("help", "")
+
+    for key, least in _SCHEDULE_MINIMUM.items():
+        obj, name, help_text = field_of(key)
+        value = getattr(obj, name)
+        if value < least:
+            raise ConfigError(f"config.{key} is {value}: it must be at least {least} ({help_text}); "
+                              f"fix it in the config or with --set {key}=N")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config.optim.min_lr_ratio is {cfg.optim.min_lr_ratio}: it must be in [0, 1]")
+    steps, notes = cfg.optim.max_steps, []
+    train = cfg.train
+    for key in _INTERVALS:
+        _, name, _ = field_of(key)
+        value = getattr(train, name)
+        if value > steps:
+            train = replace(train, **{name: steps})
+            notes.append(f"note: config.{key}={value} is longer than the run (optim.max_steps={steps}): "
+                         f"clamped to {steps}")
+    if cfg.optim.warmup_steps > steps:
+        notes.append(f"note: config.optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
+                     f"(optim.max_steps={steps}): the learning rate never reaches optim.lr")
+    return replace(cfg, train=train), notes
 
 
 # The per-precision file names of dser <= 0.1 (zero2_bf16.json …): aliases of one file per stage.
