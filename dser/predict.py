@@ -64,7 +64,10 @@ def predict_files(run_dir: Path, files: list[Path], max_seconds: float = 60.0, d
     export = Path(run_dir) / "export"
     if not (export / "config.yaml").is_file():
         raise PredictError(f"{export} holds no exported model: did the run in {run_dir} finish?")
-    model, _run_config, label_set = load_exported(export)
+    try:
+        model, _run_config, label_set = load_exported(export)
+    except ValueError as e:  # CheckpointError, BackboneError, UnsafeCheckpointError: one line naming the file
+        raise PredictError(str(e)) from None
     model.to(device).eval()
     results = []
     for f in files:

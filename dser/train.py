@@ -59,7 +59,9 @@ from dser.model.build import build_model
 from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
                                       load_export_weights, save_adaptors)
 from dser.precision import Precision, PrecisionError, check_device, decide_precision, detect_hardware, keep_precision
-from dser.runconfig import RunConfig, deepspeed_config, ds_file_precision, recorded_precision, resolve_config
+from dser.runconfig import (RunConfig, check_schedule, deepspeed_config, ds_file_precision, recorded_precision,
+                            resolve_config)
+from dser.safeload import UnsafeCheckpointError, check_checkpoint_dir, safe_load, use_safe_loads
 
 REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
 
@@ -209,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     # ---- config, checked before any process group or compute ---------------------------
     try:
         stage, cfg, recorded = read_run_config(args)
+        cfg, schedule_notes = check_schedule(cfg)
         check_inputs(cfg, stage, recorded)
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
         if env_rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if env_rank == 0 and schedule_notes:
+        print("\n".join(schedule_notes), flush=True)
 
     # ---- process group -----------------------------------------------------------------
     import deepspeed  # only the recipes import DeepSpeed
@@ -283,6 +288,11 @@ def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision
             raise RecipeError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         meta = yaml.safe_load((run_dir / "config.yaml").read_text())
         recorded = recorded_precision(meta, str(run_dir / "config.yaml"))
+        latest = run_dir / "checkpoints" / "latest"
+        if latest.is_file():
+            # Every file the resume unpickles, on every rank, before any process group: a tampered
+            # one (even one only some rank reads) stops them all with one line naming it.
+            check_checkpoint_dir(run_dir / "checkpoints" / latest.read_text().strip())
         return meta["stage"], from_dict(RunConfig, meta["config"], where="config"), recorded
     cfg = resolve_config(args.config, args.overrides, args.stage)
     if args.stage == 2:
@@ -545,9 +555,14 @@ def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed
         latest = ckpt_dir / "latest"
         if latest.is_file():
             tag = latest.read_text().strip()
-            engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-            # weights_only: tensors and plain containers, never arbitrary pickled objects
-            state = torch.load(ckpt_dir / tag / f"dser_rank{rank}.pt", weights_only=True)
+            # Every file is unpickled with weights_only, allowing only DeepSpeed's own classes
+            # (dser.safeload); read_run_config checked them all already.
+            use_safe_loads(engine)
+            try:
+                engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+                state = safe_load(ckpt_dir / tag / f"dser_rank{rank}.pt")
+            except UnsafeCheckpointError as e:  # changed since the check: only this rank knows
+                raise RankError(str(e)) from None
             step, best = state["step"], state["best"]
             evals_since_best, history = state["evals_since_best"], state["history"]
             stream_state, skipped, bad_total = state["stream"], state["skipped"], state["bad_total"]

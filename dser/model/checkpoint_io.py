@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -50,6 +51,7 @@ import dser
 from dser.config import ConfigError, from_dict, to_dict
 from dser.labels import LabelSet
 from dser.model.adaptors import DEFAULT_SET, lora
+from dser.safeload import UnsafeCheckpointError, check_model_dir, refusal
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +416,8 @@ def load_exported(out_dir: str | Path):
 
     Raises:
         CheckpointError: not an export or files that do not fit; ``BackboneError`` when the
-            base backbone is not available (non-merged exports need it, e.g. in the HF cache).
+            base backbone is not available (non-merged exports need it, e.g. in the HF cache);
+            ``UnsafeCheckpointError`` when a pickled backbone file holds more than tensors.
     """
     from dser.model.build import ModelConfig, build_model
 
@@ -431,7 +434,13 @@ def load_exported(out_dir: str | Path):
         # LoRA lives in the merged backbone's weights now.
         cfg.adaptors = [a for a in cfg.adaptors if a != "lora"] or ["none"]
         fresh = [a for a in fresh if a != "lora"]
-    model = build_model(cfg, num_classes=meta["num_classes"], task=meta["task"])
+    # A local backbone directory (the export's own backbone/ above all) may hold pickled weights
+    # (pytorch_model.bin): transformers reads them with weights_only=True; checking first names the file.
+    check_model_dir(cfg.backbone.name)
+    try:
+        model = build_model(cfg, num_classes=meta["num_classes"], task=meta["task"])
+    except pickle.UnpicklingError as e:  # transformers' weights_only refusal, for a backbone elsewhere
+        raise UnsafeCheckpointError(refusal(f"backbone {cfg.backbone.name} of {out}", e)) from None
     model.add_fresh_adaptors(fresh)
     load_export_weights(model, out)
     run_config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}

@@ -190,9 +190,8 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(workdir, precision
     assert m["steps"] == 12 and m["precision"] == precision
     assert m["skipped_steps"] == {"count": 1, "steps": [{"step": 3, "why": "non-finite loss"}]}
     assert scalars(run, "train/skipped_steps")[-1][1] == 1
-    import torch
-    ds_state = torch.load(run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt",
-                          map_location="cpu", weights_only=False)
+    from dser.safeload import safe_load  # as the recipe reads it: weights_only, DeepSpeed's classes only
+    ds_state = safe_load(run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt", map_location="cpu")
     # bf16: DeepSpeed's overflow check dropped the whole update (moments and schedule too);
     # fp32 has no such check: the batch is dropped (a zero gradient) and the step counts
     assert ds_state["skipped_steps"] == (1 if precision == "bf16" else 0) and ds_state["global_steps"] == 12
