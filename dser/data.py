@@ -256,6 +256,21 @@ def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
     return files
 
 
+def _spec_matches(spec: str | Path) -> list[Path]:
+    """The paths a shard spec names: a glob's matches (sorted), or the path itself.
+
+    Raises:
+        DataError: a plain path that does not exist.
+    """
+    text = os.path.expanduser(str(spec))
+    if glob.has_magic(text):
+        return [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+    if os.path.exists(text):
+        return [Path(text)]
+    raise DataError(f"shard spec {str(spec)!r}: no such file or directory "
+                    f"(give shard group directories, .tar files or globs; make shards with `dser shard`)")
+
+
 def shard_files(specs: Sequence[str | Path]) -> list[ShardFile]:
     """Expand shard specs into the shards to read, in spec order, duplicates dropped.
 
@@ -278,14 +293,7 @@ def shard_files(specs: Sequence[str | Path]) -> list[ShardFile]:
     out: list[ShardFile] = []
     seen: set[str] = set()
     for spec in specs:
-        text = os.path.expanduser(str(spec))
-        if glob.has_magic(text):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-        elif os.path.exists(text):
-            matches = [Path(text)]
-        else:
-            raise DataError(f"shard spec {str(spec)!r}: no such file or directory "
-                            f"(give shard group directories, .tar files or globs; make shards with `dser shard`)")
+        matches = _spec_matches(spec)
         found: list[ShardFile] = []
         loose = 0
         for m in matches:
@@ -355,9 +363,7 @@ def count_set(specs: Sequence[str | Path], label_set: LabelSet | None, styles: S
     seen: set[tuple[str, str]] = set()
     keep = set(styles) if styles else None
     for spec in [specs] if isinstance(specs, (str, Path)) else specs:
-        text = os.path.expanduser(str(spec))
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))] if glob.has_magic(text) else [Path(text)]
-        for m in matches:
+        for m in _spec_matches(spec):
             found = None
             if m.is_dir():
                 try:

@@ -112,9 +112,6 @@ def shard_key(utt_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", utt_id)
 
 
-_sha256 = sha256_file
-
-
 # ───────────────────────────── encoding (worker side) ─────────────────────────────
 
 
@@ -319,7 +316,7 @@ class _TarShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         path = self.out / self.current["path"]
-        self.current.update(sha256=_sha256(path), bytes=path.stat().st_size,
+        self.current.update(sha256=sha256_file(path), bytes=path.stat().st_size,
                             seconds=round(self.current["seconds"], 3))
         self.shards[self.group].append(self.current)
         self.tar = None

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage, cfg, recorded = read_run_config(args)
         cfg, schedule_notes = check_schedule(cfg)
-        check_inputs(cfg, stage, recorded)
+        set_warnings = check_inputs(cfg, stage, recorded)
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
         if env_rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
 
     try:
-        return _run(args, stage, cfg, recorded, deepspeed, rank, world, device, cpu)
+        return _run(args, stage, cfg, recorded, set_warnings, deepspeed, rank, world, device, cpu)
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0 or isinstance(e, RankError):
@@ -302,9 +302,12 @@ def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision
     return args.stage, cfg, None
 
 
-def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) -> None:
+def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) -> list[str]:
     """Every shard group, the DeepSpeed config, a precision this machine can train in, the
     stage-1 run and its label set, before anything is computed.
+
+    Returns:
+        The label-set warnings (``label_set_checks``), for the run to print and record.
 
     Raises:
         RecipeError: naming the config key and what to do.
@@ -326,7 +329,7 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
             resolve_shards(specs)
         except DataError as e:
             raise RecipeError(f"config.{key}: {e}") from None
-    label_set_checks(cfg)
+    set_warnings = label_set_checks(cfg)
     try:
         check_backbone(cfg.model.backbone)
     except BackboneError as e:
@@ -341,6 +344,7 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
             raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
                               f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
                               f"(--set stage2.new_head=true) to train a new head")
+    return set_warnings
 
 
 def label_set_checks(cfg: RunConfig) -> list[str]:
@@ -461,8 +465,8 @@ def precision_notes(cfg: RunConfig, precision: Precision, stage: int) -> list[st
     return notes
 
 
-def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed, rank: int, world: int,
-         device: torch.device, cpu: bool) -> int:
+def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, set_warnings: list[str], deepspeed,
+         rank: int, world: int, device: torch.device, cpu: bool) -> int:
     precision = agree_on_precision(cfg, recorded, rank)
 
     # ---- run directory -----------------------------------------------------------------
@@ -483,8 +487,7 @@ def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, deepspeed
                 f"{'CPU' if cpu else 'GPU'})")
     precision_text = [precision.line()] + (precision_notes(cfg, precision, stage) if rank == 0 else [])
     rank0_print("\n".join(precision_text))
-    set_warnings = label_set_checks(cfg) if rank == 0 else []  # checked (and raised) before any process group
-    if set_warnings:
+    if set_warnings:  # from check_inputs (label_set_checks), before any process group
         rank0_print("\n".join(f"warning: {w}" for w in set_warnings))
 
     # ---- seeds, labels, data ------------------------------------------------------------

@@ -259,10 +259,9 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
     out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    final, out = out, out.parent / f".{out.name}.synth-partial-{os.getpid()}"
-    shutil.rmtree(out, ignore_errors=True)  # our own leftover of this pid
+    final, out = out, _fresh_dir(out.parent / f".{out.name}.synth-partial-{os.getpid()}")
     manifest = out / "manifest.jsonl"
-    (out / "wav").mkdir(parents=True)
+    (out / "wav").mkdir()
 
     voices = make_voices(style, speakers, seed)
     groups = speaker_groups(speakers)
@@ -289,7 +288,7 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
             "sample_rate": sample_rate, "files": files}, indent=1) + "\n")
         _publish(out, final, overwrite)
     finally:
-        shutil.rmtree(out, ignore_errors=True)  # gone already when published
+        shutil.rmtree(out, ignore_errors=True)  # our own new folder; gone already when published
     return final / "manifest.jsonl"
 
 
@@ -320,8 +319,9 @@ MARKER_FORMAT = "dser-synth/1"
 
 
 def _tree(out: Path) -> dict[str, str]:
-    """Relative path → sha256 of every file under ``out`` (the marker excepted); a symbolic
-    link or anything not a plain file is recorded as such, so it never matches what synth wrote."""
+    """Relative path → sha256 of every file under ``out`` (the marker excepted), "directory"
+    for each folder; a symbolic link or anything else is recorded as such, so it never matches
+    what synth wrote."""
     files = {}
     for dirpath, dirnames, filenames in os.walk(out):
         for name in sorted(dirnames + filenames):
@@ -329,9 +329,11 @@ def _tree(out: Path) -> dict[str, str]:
             rel = str(path.relative_to(out))
             if path.is_symlink():
                 files[rel] = "symbolic link"
+            elif path.is_dir():
+                files[rel] = "directory"
             elif path.is_file() and rel != MARKER:
                 files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-            elif not path.is_dir() and rel != MARKER:
+            elif rel != MARKER:
                 files[rel] = "not a file"
     return files
 
@@ -369,6 +371,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          f"choose a new or empty directory")
 
 
+def _fresh_dir(base: Path) -> Path:
+    """A new directory named ``base`` (or ``base-1``, ``base-2`` … when taken); plain mkdir, so the
+    umask applies and nothing that was there is touched."""
+    path, n = base, 0
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``: into a new or empty OUT, over an earlier synth
     output (``overwrite``), or over files byte-identical to what was generated (an older
@@ -382,10 +397,10 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise ValueError(f"OUT {out} is not empty and holds {out / foreign}, which dser synth did not "
                                  f"write (no {MARKER} there, and it differs from what this run generates); "
                                  f"refusing to replace it: choose a new or empty directory")
-        old = tmp.with_name(tmp.name.replace(".synth-partial-", ".synth-old-"))
-        os.rename(out, old)
+        old = _fresh_dir(out.parent / f".{out.name}.synth-old-{os.getpid()}")
+        os.rename(out, old / out.name)
         os.rename(tmp, out)
-        shutil.rmtree(old)  # checked above: only files synth wrote
+        shutil.rmtree(old)  # a folder of our own, holding the old OUT: checked above, only what synth wrote
     else:
         if out.is_dir():
             out.rmdir()

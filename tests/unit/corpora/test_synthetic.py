@@ -364,3 +364,23 @@ def test_cli_synth_writes_the_corpus_and_reports_errors_in_one_line(tmp_path):
     result = runner.invoke(main, ["synth", str(tmp_path / "d"), "--style", "acted", "--speakers", "2"])
     assert result.exit_code != 0
     assert result.output.strip().startswith("Error:") and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_folder_dropped_into_a_synth_output_and_a_taken_temporary_name_are_left_alone(tmp_path):
+    out = tmp_path / "out"
+    synthesize(out, "acted", utterances=12, speakers=3)
+    (out / "mine").mkdir()
+    with pytest.raises(ValueError, match=r"holds .*mine, which dser synth did not write"):
+        synthesize(out, "acted", utterances=12, speakers=3, overwrite=True)
+    assert (out / "mine").is_dir()
+    (out / "mine").rmdir()
+    # A folder that happens to bear synth's temporary names is someone else's.
+    import os
+    for kind in ("partial", "old"):
+        taken = tmp_path / f".out.synth-{kind}-{os.getpid()}"
+        taken.mkdir()
+        (taken / "keep.txt").write_text(kind)
+    synthesize(out, "natural", utterances=12, speakers=3, overwrite=True)
+    for kind in ("partial", "old"):
+        assert (tmp_path / f".out.synth-{kind}-{os.getpid()}" / "keep.txt").read_text() == kind
+    assert {r["style"] for r in _rows(out / "manifest.jsonl")} == {"natural"}
