@@ -150,29 +150,41 @@ def evaluate(run_dir, shards, as_json, workers):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per file).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON Lines: one object per file, with an error field on a file that failed.")
 @click.option("--max-seconds", default=60.0, show_default=True, help="Refuse clips longer than this.")
 def predict(run_dir, files, as_json, max_seconds):
-    """Predict emotions of audio FILES (any format soundfile reads, any sample rate)."""
+    """Predict emotions of audio FILES (any format soundfile reads, any sample rate).
+
+    A file that cannot be predicted is one line naming it (on stderr, or as an object with
+    an error field under --json); the other files are still predicted, and the exit status
+    is 1 when any file failed.
+    """
     import json
 
     from dser.predict import PredictError, predict_files
 
     try:
-        results = predict_files(run_dir, list(files), max_seconds=max_seconds)
+        results = predict_files(run_dir, list(files), max_seconds=max_seconds, errors="record")
     except PredictError as e:
         raise UserError(str(e)) from e
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-        return
     for r in results:
-        parts = [r["file"]]
-        if "emotion" in r:
-            parts.append(r["emotion"])
-            parts.append(" ".join(f"{c}={p:.2f}" for c, p in r["probabilities"].items()))
-        if "valence" in r:
-            parts.append(f"V={r['valence']:.2f} A={r['arousal']:.2f} D={r['dominance']:.2f}")
-        click.echo("  ".join(parts))
+        if as_json:
+            click.echo(json.dumps(r, ensure_ascii=False))
+        elif "error" in r:
+            click.echo(f"Error: {r['error']}", err=True)
+        else:
+            parts = [r["file"]]
+            if "emotion" in r:
+                parts.append(r["emotion"])
+                parts.append(" ".join(f"{c}={p:.2f}" for c, p in r["probabilities"].items()))
+            if "valence" in r:
+                parts.append(f"V={r['valence']:.2f} A={r['arousal']:.2f} D={r['dominance']:.2f}")
+            click.echo("  ".join(parts))
+    failed = sum("error" in r for r in results)
+    if failed:
+        click.echo(f"Error: {failed} of {len(results)} file(s) could not be predicted", err=True)
+        sys.exit(1)
 
 
 @main.command()

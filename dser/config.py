@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -150,11 +151,28 @@ def to_dict(obj) -> Any:
     return obj
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data only: a ``!!python/…`` tag is an error, never an
+    object) that also reads ``5e-5``, ``1e3`` and ``-2E+4`` as floats, as YAML 1.2 and every
+    user does; PyYAML's YAML 1.1 resolver wants a dot (``5.0e-5``) and reads them as strings."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """``text`` as plain YAML data, read with :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` overrides to a nested dict; values are parsed as YAML.
 
     Raises:
-        ConfigError: an override without ``=``.
+        ConfigError: an override without ``=``, or a value that is not plain YAML (naming the key).
     """
     data = _deepcopy(data)
     for item in overrides:
@@ -169,7 +187,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 if not isinstance(node[p], dict):
                     raise ConfigError(f"--set {key}: {p} is not a section")
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as e:
+            why = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--set {key.strip()}: {raw!r} is not a plain YAML value ({why}); quote text, "
+                              f"e.g. --set {key.strip()}='\"…\"'") from e
     return data
 
 
@@ -184,10 +207,14 @@ def _deepcopy(d):
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping, with a clear error for a missing file or bad syntax."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: give a YAML run config file")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if data is None:

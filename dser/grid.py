@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from dser.config import ConfigLoader
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 # Corpus names, group names and the grid name become directory, job and run names; the rule
@@ -99,7 +101,7 @@ class Grid:
     name: str
 
 
-class _GridLoader(yaml.SafeLoader):
+class _GridLoader(ConfigLoader):
     """yaml.safe_load's loader (plain data only: no tag builds an object or runs code) that also
     refuses a key given twice, which safe_load would let the last one win silently."""
 
