@@ -7,8 +7,9 @@ ranks per training job (``--gpus-per-node=0 --ntasks-per-node=2``), a few steps.
 
 1. ``sbatch --wait slurm/cross_corpus.sh GRID`` (a YAML grid): shard array job, stage 1,
    stage 2 after it, the report; every run's metrics.json; ``dser report`` from the command line.
-1b. ``sbatch slurm/cross_corpus.sh`` with no argument: the shipped slurm/grid.yaml is read and
-   checked, and its shard, stage-1 and stage-2 jobs are queued (held, then cancelled).
+1b. ``sbatch slurm/cross_corpus.sh`` with no argument from a fresh ``git clone``: the driver logs
+   to the clone's slurm/logs, the shipped slurm/grid.yaml is read and checked, its shard tasks
+   run (logging there too) and its stage-1 and stage-2 jobs are queued (held, then cancelled).
 2. ``dser submit`` (stage 1 + dependent stage 2), with stage 1 preempted by SIGUSR1 halfway:
    it checkpoints, requeues itself and resumes; stage 2 starts only after it has finished.
 3. ``dser submit`` whose stage 1 fails: stage 2 never starts (cancelled, no run directory).
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 from fixtures_shards import write_demo_shards
 
-from slurm_cluster import slurm  # noqa: F401  (the session fixture: a started cluster)
+from slurm_cluster import FINAL_STATES, slurm  # noqa: F401  (the session fixture: a started cluster)
 
 pytestmark = pytest.mark.integration
 
@@ -167,32 +168,55 @@ def test_cross_corpus_grid_with_sbatch_wait(slurm, workdir):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
-def test_cross_corpus_without_arguments_queues_the_shipped_grid(slurm, workdir):
-    here = workdir / "default"  # no shards here: the grid needs its shard job
-    (here / "logs").mkdir(parents=True)
-    # held, so nothing runs: the driver only reads the shipped grid and queues its jobs
-    env = job_env(slurm, workdir, LOGS_DIR=str(here / "logs"), GRID_WAIT="0",
-                  STAGE_SBATCH=" ".join(["--hold", *CPU_JOB]), SHARD_SBATCH="--hold --cpus-per-task=1")
-    r = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={here / 'logs' / 'grid-%j.out'}",
-                        str(SLURM_DIR / "cross_corpus.sh")], cwd=here, env=env, capture_output=True, text=True,
-                       timeout=300)
+def test_cross_corpus_without_arguments_from_a_fresh_clone(slurm, tmp_path):
+    """``git clone …; sbatch slurm/cross_corpus.sh``: committed work only, no LOGS_DIR, no
+    --output; the driver logs to the clone's slurm/logs (its #SBATCH line), reads the shipped
+    grid and queues its jobs; the shard tasks run and log there too (training jobs held, then
+    cancelled: training is test 1's)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True, timeout=120)
+    assert not list((clone / "slurm" / "logs").glob("*.out"))
+    env = job_env(slurm, tmp_path, GRID_WAIT="0", SYNTH_ARGS="--utterances 48 --speakers 4",
+                  STAGE_SBATCH=" ".join(["--hold", *CPU_JOB]), SHARD_SBATCH="--cpus-per-task=1")
+    for var in ("LOGS_DIR", "PYTHONPATH"):  # as a user submits it: the clone's own paths and code
+        env.pop(var)
+    r = subprocess.run(["sbatch", "--parsable", "--wait", "slurm/cross_corpus.sh"], cwd=clone, env=env,
+                       capture_output=True, text=True, timeout=300)
     driver = r.stdout.strip().split(";")[0]
-    log = (here / "logs" / f"grid-{driver}.out").read_text()
+    logs_dir = clone / "slurm" / "logs"
+    driver_log = logs_dir / f"dser-grid-{driver}.out"
+    assert driver_log.is_file(), f"{r.returncode} {r.stderr}\n{slurm.job(driver) if driver else ''}"
+    log = driver_log.read_text()
     ids = {" ".join(line.split()[1:3]): line.split()[0] for line in log.splitlines()
            if line.split() and line.split()[0].isdigit()}
     try:
         assert r.returncode == 0, f"{r.stderr}\n{log}"
-        assert f"grid cross-corpus ({SLURM_DIR / 'grid.yaml'})" in log and "checked: the grid and the config" in log
+        assert f"grid cross-corpus ({clone / 'slurm' / 'grid.yaml'})" in log and "checked: the grid and the config" in log
         assert "dser: submitted 3 jobs; afterwards: dser report runs/cross-corpus" in log
         shard, s1, s2 = (slurm.job(ids[k]) for k in ("shard demo-acted", "stage 1", "stage 2"))
         assert shard["JobName"] == "dser-shard" and shard["ArrayTaskId"] in ("0-1", "0,1")
         assert s1["JobName"] == "dser-s1-demo-acted" and f"afterok:{ids['shard demo-acted']}" in s1["Dependency"]
         assert s2["JobName"] == "dser-s2-demo-acted-to-demo-natural" and f"afterok:{ids['stage 1']}" in s2["Dependency"]
-        assert all(j["JobState"] == "PENDING" for j in (shard, s1, s2))
+        assert s1["JobState"] == s2["JobState"] == "PENDING"
+        deadline = time.monotonic() + 300
+        while True:  # the array's tasks, once each has ended
+            done = {j["JobId"]: j for j in slurm.jobs() if j.get("ArrayJobId") == ids["shard demo-acted"]}
+            if len(done) == 2 and all(j["JobState"] in FINAL_STATES for j in done.values()):
+                break
+            assert time.monotonic() < deadline, done
+            time.sleep(2)
+        shard_logs = sorted(p.name for p in logs_dir.glob(f"dser-shard-{ids['shard demo-acted']}_*.out"))
+        assert all(j["JobState"] == "COMPLETED" for j in done.values()), f"{done}\n{logs(clone / 'slurm')}"
+        assert shard_logs == [f"dser-shard-{ids['shard demo-acted']}_{i}.out" for i in (0, 1)]
+        for corpus in ("demo-acted", "demo-natural"):
+            assert json.loads((clone / "shards" / corpus / "index.json").read_text())["format"] == "dser-shards/2"
     finally:
         if ids:
             slurm.run(["scancel", *ids.values()], check=False)
-    assert not (here / "data").exists() and not list((here / "runs" / "cross-corpus").iterdir())
+    assert not list((clone / "runs" / "cross-corpus").iterdir())
+    # the logs are the user's, not the repository's
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert "slurm/logs" not in status, status
 
 
 def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, workdir, demo_shards):
