@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,7 +66,53 @@ def launch_command(train_args: list[str], ranks: int | None = None, master_port:
 
 
 def launch_training(train_args: list[str], ranks: int | None = None, master_port: int | None = None) -> int:
-    """Run the recipe under the DeepSpeed launcher; returns its exit status."""
+    """Run the recipe under the DeepSpeed launcher; returns its exit status.
+
+    SIGTERM and SIGUSR1 sent to this process (``timeout``, ``docker stop``, ``kill``) are passed
+    to every rank, which checkpoints and stops (exit 128 + the signal's number; the DeepSpeed
+    launcher itself would kill the ranks without a checkpoint). A run that stopped before its
+    end prints ``stopped at step N by …; resume with …`` as the last line.
+    """
+    import psutil  # a DeepSpeed dependency
+
     cmd, env = launch_command(train_args, ranks, master_port)
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="dser-train-") as tmp:
+        env["DSER_STOP_FILE"] = str(Path(tmp) / "stopped")
+        proc = subprocess.Popen(cmd, env=env)
+
+        def forward(signum, _frame):
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                kids = []
+            # before any rank runs there is nothing to checkpoint: then the signal goes to all
+            targets = [k for k in kids if _is_rank(k)] or [*kids, proc]
+            for t in targets:
+                try:
+                    t.send_signal(signum)
+                except (psutil.Error, ProcessLookupError):
+                    pass
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            rc = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        stopped = Path(env["DSER_STOP_FILE"])
+        if rc != 0 and stopped.is_file():
+            print(stopped.read_text().strip(), flush=True)  # after the launcher's own lines
+    return rc
+
+
+def _is_rank(process) -> bool:
+    """Whether a process below the launcher is a rank: the DeepSpeed launcher gives each its
+    ``--local_rank=N``, which its parent lacks (a rank's data-loader workers are forks of it,
+    with its command line)."""
+    def has_rank(p) -> bool:
+        return any(arg.startswith("--local_rank=") for arg in p.cmdline())
+    try:
+        return has_rank(process) and not has_rank(process.parent())
+    except Exception:  # psutil.Error: gone, or not ours to read
+        return False

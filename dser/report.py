@@ -231,8 +231,9 @@ def read_run(path: Path) -> Run:
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         latest = path / "checkpoints" / "latest"
-        where = f"; last checkpoint {latest.read_text().strip()}" if latest.is_file() else ""
-        return Run(path, stage, config, None, f"no metrics.json: failed or still running{where}", precision)
+        where = f"; last checkpoint {latest.read_text().strip()} (stopped before its end? resume it with " \
+                f"dser train --resume {path})" if latest.is_file() else ""
+        return Run(path, stage, config, None, f"no metrics.json: failed, stopped or still running{where}", precision)
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, ValueError) as e:

@@ -204,6 +204,13 @@ class TrainStream:
 # the recipe
 # ----------------------------------------------------------------------------------------
 
+# Exit statuses of a run that checkpointed and stopped before optim.max_steps: it is not finished
+# (no metrics.json, no export) and resumes with --resume. A signal (SIGTERM, SIGUSR1) gives
+# 128 + its number, as a shell reports a process the signal killed; train.stop_after_steps gives
+# 75 (EX_TEMPFAIL of sysexits.h: "try again later"). 2 is a user error, 3 a lost rank.
+EXIT_STOPPED = 75
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env_rank = int(os.environ.get("RANK", 0))
@@ -337,6 +344,11 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
     if stage == 2:
         init_export = Path(cfg.stage2.init_from) / "export"
         if not (init_export / "export.json").is_file():
+            latest = Path(cfg.stage2.init_from) / "checkpoints" / "latest"
+            if latest.is_file() and not (Path(cfg.stage2.init_from) / "metrics.json").is_file():
+                raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: that stage-1 run stopped before its end "
+                                  f"(last checkpoint {latest.read_text().strip()}); finish it first with "
+                                  f"dser train --resume {cfg.stage2.init_from}")
             raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: no export/ there; did its stage 1 finish?")
         label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
         src = export_labels(init_export)
@@ -727,11 +739,22 @@ def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, set_warni
         if step % cfg.train.save_every == 0 or stop_now or time_boxed:
             checkpoint()
             if stop_now or time_boxed:
-                sig = stop_signal["sig"]
-                why = (f"signal {signal.Signals(sig).name}" if sig is not None else "a signal on another rank") \
+                # Every rank stops here, at the same step, with the same status; the barrier
+                # holds them until all have written their part (the launcher kills the others
+                # as soon as one exits non-zero).
+                sig = torch.tensor([stop_signal["sig"] or 0])
+                dist.all_reduce(sig, op=dist.ReduceOp.MAX)  # the signal, even if it reached another rank
+                sig = int(sig) or None
+                if writer is not None:
+                    writer.close()
+                dist.barrier()
+                why = f"{signal.Signals(sig).name}{'' if stop_signal['sig'] else ' (sent to another rank)'}" \
                     if stop_now else f"train.stop_after_steps={cfg.train.stop_after_steps}"
-                rank0_print(f"{why}: checkpoint written at step {step}; continue with --resume {run_dir}")
-                return 0
+                line = f"stopped at step {step} by {why}; resume with dser train --resume {run_dir}"
+                rank0_print(line)
+                if rank == 0 and os.environ.get("DSER_STOP_FILE"):  # dser train prints it again, last
+                    Path(os.environ["DSER_STOP_FILE"]).write_text(line + "\n")
+                return 128 + sig if stop_now else EXIT_STOPPED
     if bar is not None:
         bar.close()
 

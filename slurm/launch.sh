@@ -14,10 +14,11 @@
 # Resume: a RUN_DIR holding config.yaml but no metrics.json is an unfinished run: continue it
 #   (train.py --resume RUN_DIR, from checkpoints/latest). A finished RUN_DIR is left alone.
 # Preemption: #SBATCH --signal=USR1@… (or scancel --signal=USR1, or Slurm's SIGTERM) reaches
-#   every rank; each finishes its step, writes a checkpoint and exits 0. train.py exits 0 both
-#   when finished and when stopped, so metrics.json tells them apart: without it the job
-#   requeues itself (scontrol requeue), and the restarted job resumes. DSER_MAX_REQUEUES
-#   (default 20) bounds the restarts.
+#   every rank; each finishes its step, writes a checkpoint and exits 128 + the signal's number
+#   (138 for USR1, 143 for TERM); train.stop_after_steps stops the same way with 75. Those
+#   statuses mean "checkpointed before the end": the job requeues itself (scontrol requeue) and
+#   the restarted job resumes. 0 is a finished run (metrics.json); any other status a failure.
+#   DSER_MAX_REQUEUES (default 20) bounds the restarts.
 
 dser_train_job() {
   local stage=$1 run_dir=$2
@@ -64,14 +65,20 @@ dser_train_job() {
     bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
     "$PY" -u "$DSER_HOME/dser/train.py" "${args[@]}"
   local rc=$?
-  if ((rc != 0)); then
-    echo "dser: stage $stage failed (exit $rc); $run_dir is kept: submit the same job again to resume" >&2
-    return "$rc"
-  fi
-  if [[ -f $run_dir/metrics.json ]]; then
-    echo "dser: stage $stage finished: $run_dir/metrics.json"
-    return 0
-  fi
+  case $rc in
+    0)
+      if [[ -f $run_dir/metrics.json ]]; then
+        echo "dser: stage $stage finished: $run_dir/metrics.json"
+        return 0
+      fi
+      echo "dser: stage $stage exited 0 without $run_dir/metrics.json; $run_dir is kept: submit the same" \
+        "job again to resume" >&2
+      return 1 ;;
+    75 | 138 | 143) ;;   # stopped with a checkpoint (train.stop_after_steps, SIGUSR1, SIGTERM)
+    *)
+      echo "dser: stage $stage failed (exit $rc); $run_dir is kept: submit the same job again to resume" >&2
+      return "$rc" ;;
+  esac
   # Stopped early with a checkpoint (signal, or train.stop_after_steps): come back and resume.
   if ((${SLURM_RESTART_COUNT:-0} >= ${DSER_MAX_REQUEUES:-20})); then
     echo "dser: $run_dir stopped early again after ${SLURM_RESTART_COUNT} restarts (DSER_MAX_REQUEUES);" \

@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -265,10 +266,11 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir
     run = workdir / "runs" / "preempted"
     # Slurm signals every rank; the others must follow a signal that reached only one anyway.
     rc, out, _, _ = signal_rank_mid_run(workdir, "preempted", signal.SIGUSR1, rank=1)
-    assert rc == 0, out[-4000:]
-    assert "a signal on another rank: checkpoint written at step" in out, out[-3000:]
+    assert rc == 128 + signal.SIGUSR1, out[-4000:]  # stopped, not finished: 138
     tag = (run / "checkpoints" / "latest").read_text().strip()
     step = int(tag.removeprefix("step"))
+    assert f"stopped at step {step} by SIGUSR1 (sent to another rank); resume with dser train --resume " \
+           f"runs/preempted" in out, out[-3000:]
     assert 5 <= step < 150  # stopped mid-run
     ckpt = run / "checkpoints" / tag
     assert sorted(p.name for p in ckpt.glob("dser_rank*.pt")) == ["dser_rank0.pt", "dser_rank1.pt"]
@@ -278,6 +280,56 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir
     assert f"at step {step}" in r.stdout
     m = metrics(run)
     assert m["steps"] == 150
+
+
+def test_sigterm_to_dser_train_checkpoints_and_exits_143_never_looking_finished(workdir):
+    # as `timeout`, `docker stop` or `kill` send it: to the dser train process, not to a rank
+    run = workdir / "runs" / "terminated"
+    cmd, env = command(*stage1_args("terminated"), sets=LONG)
+    script = cmd.index(str(FAULTY))
+    cli = [sys.executable, "-m", "dser.cli", "train", *cmd[script + 1:], "--ranks", "2"]
+    env.pop("DSER_FAULT", None)
+    proc = subprocess.Popen(cli, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank_pids(proc)
+        wait_for(run / "checkpoints" / "latest", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, f"{out[-3000:]}\n{err[-3000:]}"
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.removeprefix("step"))
+    assert 5 <= step < 150
+    assert out.strip().splitlines()[-1] == f"stopped at step {step} by SIGTERM; resume with dser train --resume " \
+                                           f"runs/terminated", out[-2000:]
+    ckpt = run / "checkpoints" / tag
+    assert sorted(p.name for p in ckpt.glob("dser_rank*.pt")) == ["dser_rank0.pt", "dser_rank1.pt"]
+    assert not (run / "metrics.json").exists() and not (run / "export").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "runs/terminated" in " ".join(p.info["cmdline"] or [])]
+
+    # it never looks finished: dser report leaves it out saying so, stage 2 refuses it in one line
+    rep = subprocess.run([sys.executable, "-m", "dser.cli", "report", "runs/terminated"], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert f"last checkpoint {tag} (stopped before its end? resume it with dser train --resume" in \
+        rep.stdout + rep.stderr, rep.stdout + rep.stderr
+    r = train(workdir, "--stage", "2", "--config", str(default_config_path(2)), "--init-from", str(run),
+              "--run-dir", "runs/terminated-s2", expect=2, timeout=120)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("dser train: error:")]
+    assert f"that stage-1 run stopped before its end (last checkpoint {tag}); finish it first with " \
+           f"dser train --resume {run}" in line, line
+
+
+def test_stop_after_steps_exits_75_not_finished(workdir):
+    # (its resume to the end, exit 0, is test_train's test_resume_matches_uninterrupted_run…)
+    run = workdir / "runs" / "time-boxed"
+    r = train(workdir, *stage1_args("time-boxed"), sets=[*SHORT, "train.stop_after_steps=4"], expect=75)
+    # the launcher's own lines follow it here; dser train prints it last (the SIGTERM test)
+    assert "stopped at step 4 by train.stop_after_steps=4; resume with dser train --resume runs/time-boxed" \
+        in r.stdout.splitlines()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    assert not (run / "metrics.json").exists() and not (run / "export").exists()
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_usable(workdir):
