@@ -66,7 +66,8 @@ def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = ()) -> 
         rc = launch_training(["--stage", str(stage), "--config", str(default_config_path(stage)), *sets],
                              ranks=ranks)
         if rc != 0:
-            print(f"dser demo: stage {stage} failed (exit {rc})")
+            how = "stopped before its end" if rc == 75 or rc > 128 else "failed"
+            print(f"dser demo: stage {stage} {how} (exit {rc})")
             return rc
     runs = Path("runs")
     m1, m2 = _latest_metrics(runs, "demo-stage1"), _latest_metrics(runs, "demo-stage2")
