@@ -118,6 +118,11 @@ class DataError(ValueError):
             message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
         super().__init__(message)
 
+    def __str__(self) -> str:
+        # webdataset appends the stream and the URL to the args of an error passing through its
+        # tar reader (printed as a Python tuple); the message is the first.
+        return str(self.args[0]) if self.args else ""
+
 
 @dataclass
 class LoaderConfig:

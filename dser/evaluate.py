@@ -92,15 +92,12 @@ def evaluate_run(run_dir: Path, shards: list[str], *, num_workers: int = 1, devi
     """``dser evaluate``: load a run's export and evaluate it on shard groups (one process).
 
     Raises:
-        FileNotFoundError: the run has no export (it did not finish), naming the path.
+        ValueError: ``run_dir`` is missing, not a finished run (no export) or its export cannot be
+            loaded; a shard spec is wrong or a shard unreadable. Each names the path.
     """
-    from dser.model.checkpoint_io import load_exported
+    from dser.predict import load_model
 
-    export = Path(run_dir) / "export"
-    if not (export / "config.yaml").is_file():
-        raise FileNotFoundError(f"{export} holds no exported model: did the run in {run_dir} finish?")
-    model, run_config, label_set = load_exported(export)
-    model.to(device).eval()
+    model, run_config, label_set = load_model(run_dir, device)
     return evaluate_shards(lambda a, m: model(a, m), shards, label_set, run_config["task"],
                            num_workers=num_workers, device=device,
                            max_seconds=run_config["data"]["eval_max_seconds"])

@@ -32,8 +32,9 @@ MIN_SECONDS = 0.1
 _UNKNOWN_FRAMES = 1 << 62
 
 
-class PredictError(Exception):
-    """A file that cannot be predicted (unreadable, empty, too long); names the file."""
+class PredictError(ValueError):
+    """A file that cannot be predicted (unreadable, empty, too long), or a run directory with no
+    usable export; names the file."""
 
 
 def load_audio(path: Path, max_seconds: float) -> np.ndarray:
@@ -79,7 +80,7 @@ def load_audio(path: Path, max_seconds: float) -> np.ndarray:
 
 
 def load_model(run_dir: Path, device: str = "cpu"):
-    """The exported model of ``run_dir`` and its label set.
+    """The exported model of ``run_dir`` (in eval mode, on ``device``), its run config and label set.
 
     Raises:
         PredictError: no export there, or an export that cannot be loaded (one line naming it).
@@ -96,10 +97,10 @@ def load_model(run_dir: Path, device: str = "cpu"):
         raise PredictError(f"{run_dir} is {what}, not a finished run: give a run directory holding "
                            f"export/config.yaml (written when a run finishes)")
     try:
-        model, _run_config, label_set = load_exported(export)
+        model, run_config, label_set = load_exported(export)
     except ValueError as e:  # CheckpointError, BackboneError, UnsafeCheckpointError: one line naming the file
         raise PredictError(str(e)) from None
-    return model.to(device).eval(), label_set
+    return model.to(device).eval(), run_config, label_set
 
 
 @torch.no_grad()
@@ -141,7 +142,7 @@ def predict_files(run_dir: Path, files: list[Path], max_seconds: float = 60.0, d
     Raises:
         PredictError: no usable export in ``run_dir``; with ``errors="raise"``, a bad file.
     """
-    model, label_set = load_model(run_dir, device)
+    model, _run_config, label_set = load_model(run_dir, device)
     results = []
     for f in files:
         try:
