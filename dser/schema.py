@@ -61,6 +61,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def fresh_dir(base: Path) -> Path:
+    """A new directory named ``base`` (or ``base-1``, ``base-2`` … when taken), for dser to write
+    in: plain mkdir, so the umask applies and nothing that was there is ever touched."""
+    path, n = Path(base), 0
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = path.with_name(f"{Path(base).name}-{n}")
+
+
 def read_index_json(path: Path) -> dict | None:
     """The parsed ``path`` if it is a JSON object with a dser shard format marker (any
     version), else None. Never raises for a missing or foreign file."""

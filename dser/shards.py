@@ -85,7 +85,7 @@ import soxr
 from dser import __version__
 from dser.corpora import Listing, Record, Skip
 from dser.labels import EMOTIONS, STYLES
-from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table,
+from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table, fresh_dir,
                          group_summary, read_index_json, sha256_file, table_row, upgrade_command)
 
 __all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "build_shards", "shard_key"]
@@ -465,19 +465,6 @@ def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
     return records, skipped
 
 
-def _partial_dir(out: Path) -> Path:
-    """A fresh hidden sibling of ``out`` to build in (plain mkdir, so the umask applies)."""
-    base = out.parent / f".{out.name}.partial-{os.getpid()}"
-    path, n = base, 0
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-
-
 def _publish(tmp: Path, out: Path, overwrite: bool, protected: list[tuple[str, Path]]) -> None:
     """Rename the finished ``tmp`` to ``out``, moving an old ``out`` aside first."""
     _check_out(out, overwrite, protected)  # again: OUT may have changed while we were encoding
@@ -562,7 +549,7 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
 
     from tqdm import tqdm  # only the sharder draws progress bars
 
-    tmp = _partial_dir(out)
+    tmp = fresh_dir(out.parent / f".{out.name}.partial-{os.getpid()}")  # a hidden sibling to build in
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
     try:

@@ -1,6 +1,6 @@
 """Shared helpers for the model tests: tiny models, generated audio, label batches, perturbations.
 
-    from fixtures_model import audio_batch, build, perturb
+    from fixtures_model import audio_batch, build, finished_run, perturb
 """
 
 from __future__ import annotations
@@ -68,3 +68,17 @@ def outputs(model: SERModel, audio: torch.Tensor, mask: torch.Tensor) -> torch.T
     with torch.no_grad():
         out = model(audio, mask)
     return torch.cat([v for k in ("logits", "attributes", "pooled") if (v := out[k]) is not None], dim=-1)
+
+
+def finished_run(run_dir, run_config: dict | None = None):
+    """``run_dir`` as a finished run looks to ``dser evaluate`` / ``dser predict``: a trained
+    (perturbed) tiny-wavlm LoRA model exported to ``run_dir/export`` with the 4-class label set."""
+    from dser.labels import get_label_set
+    from dser.model.checkpoint_io import export_model
+
+    model = build("tiny-wavlm", ["lora"])
+    perturb(model)
+    config = run_config or {"task": "categorical", "model": {"adaptors": ["lora"]},
+                            "data": {"eval_max_seconds": 30.0}}
+    export_model(model, run_dir / "export", config, get_label_set("4class").to_dict())
+    return run_dir

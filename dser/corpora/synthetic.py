@@ -54,6 +54,7 @@ import numpy as np
 import soundfile as sf
 
 from dser.labels import STYLES, get_label_set
+from dser.schema import fresh_dir
 
 # The standard 4-class set; utterance i has emotion CLASSES[i % 4].
 CLASSES = get_label_set("4class").classes
@@ -259,7 +260,7 @@ def synthesize(out: Path, style: str, *, utterances: int = 800, speakers: int = 
     out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    final, out = out, _fresh_dir(out.parent / f".{out.name}.synth-partial-{os.getpid()}")
+    final, out = out, fresh_dir(out.parent / f".{out.name}.synth-partial-{os.getpid()}")
     manifest = out / "manifest.jsonl"
     (out / "wav").mkdir()
 
@@ -371,19 +372,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          f"choose a new or empty directory")
 
 
-def _fresh_dir(base: Path) -> Path:
-    """A new directory named ``base`` (or ``base-1``, ``base-2`` … when taken); plain mkdir, so the
-    umask applies and nothing that was there is touched."""
-    path, n = base, 0
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-
-
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``: into a new or empty OUT, over an earlier synth
     output (``overwrite``), or over files byte-identical to what was generated (an older
@@ -397,7 +385,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise ValueError(f"OUT {out} is not empty and holds {out / foreign}, which dser synth did not "
                                  f"write (no {MARKER} there, and it differs from what this run generates); "
                                  f"refusing to replace it: choose a new or empty directory")
-        old = _fresh_dir(out.parent / f".{out.name}.synth-old-{os.getpid()}")
+        old = fresh_dir(out.parent / f".{out.name}.synth-old-{os.getpid()}")
         os.rename(out, old / out.name)
         os.rename(tmp, out)
         shutil.rmtree(old)  # a folder of our own, holding the old OUT: checked above, only what synth wrote

@@ -9,12 +9,10 @@ import shutil
 import huggingface_hub.constants
 import pytest
 from click.testing import CliRunner
-from fixtures_model import build, perturb
+from fixtures_model import finished_run
 from fixtures_shards import write_demo_shards
 
 from dser.cli import main
-from dser.labels import get_label_set
-from dser.model.checkpoint_io import export_model
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +24,7 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = write_demo_shards(tmp_path_factory.mktemp("evaluate"), utterances=48, speakers=4)
-    model = build("tiny-wavlm", ["lora"])
-    perturb(model)
-    export_model(model, root / "run" / "export", {"task": "categorical", "data": {"eval_max_seconds": 30.0}},
-                 get_label_set("4class").to_dict())
+    finished_run(root / "run")
     return root
 
 

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures_model import build, perturb
+from fixtures_model import finished_run
 
 from dser.cli import main
 from dser.labels import get_label_set
-from dser.model.checkpoint_io import export_model
-
-RUN = {"name": "t", "task": "categorical", "model": {"adaptors": ["lora"]}}
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
@@ -28,11 +24,7 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    model = build("tiny-wavlm", ["lora"])
-    perturb(model)
-    export_model(model, run / "export", RUN, get_label_set("4class").to_dict())
-    return run
+    return finished_run(tmp_path_factory.mktemp("run"))
 
 
 def _clip(path, seconds, sr=16000, fmt=None):
