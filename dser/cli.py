@@ -57,7 +57,9 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
     CSV or JSONL file).
     """
     from dser.corpora import CorpusError, read_corpus
-    from dser.shards import ShardError, build_shards
+    import signal
+
+    from dser.shards import ShardError, Stopped, build_shards
 
     out = out or Path("shards") / corpus
     try:
@@ -68,6 +70,12 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
                      overwrite=overwrite, strict=strict, reader=corpus)
     except (CorpusError, ShardError, TypeError, ValueError) as e:
         raise UserError(str(e)) from e
+    except (Stopped, KeyboardInterrupt) as e:
+        # 128 + N, as a shell reports a process killed by signal N.
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        click.echo(f"dser shard: stopped by {signal.Signals(signum).name}; {out} was not written "
+                   f"(its temporary .partial directory was removed)", err=True)
+        sys.exit(128 + signum)
 
 
 @main.command()

@@ -37,6 +37,10 @@ Guarantees:
 - Writing is atomic: everything goes to a hidden sibling ``.<OUT>.partial-<pid>``,
   ``index.json`` last, and only a finished run renames it to OUT. A crash (even ``kill -9``)
   leaves at most that ``.partial`` directory, never an OUT with an ``index.json``.
+- Signals: SIGTERM and SIGINT stop the run, remove the ``.partial`` directory and (from the
+  CLI) exit with 128 + the signal number after one line; every encoding worker dies with the
+  sharder, SIGKILL included (parent-death signal plus a ``getppid`` watchdog), though after a
+  SIGKILL the ``.partial`` directory stays.
 - Bad input never stops the run: the input is skipped with its reason (in ``index.json`` and
   the printed summary); ``strict=True`` turns any skip into a ``ShardError`` instead, and
   nothing is published.
@@ -67,9 +71,11 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from contextlib import closing
@@ -88,7 +94,7 @@ from dser.labels import EMOTIONS, STYLES
 from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table,
                          group_summary, read_index_json, sha256_file, table_row, upgrade_command)
 
-__all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "build_shards", "shard_key"]
+__all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "Stopped", "build_shards", "shard_key"]
 
 # --max-shard-mb counts mebibytes, as `du -h` and `ls -lh` show them.
 _MB = 1 << 20
@@ -221,6 +227,51 @@ def _encode(task: tuple[str, int, float, float]) -> tuple[bytes, float, int] | s
         return f"could not encode audio ({type(e).__name__}: {e})"
 
 
+# prctl(2) option: the signal a process gets when the thread that created it dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int) -> None:
+    """Pool initializer: a worker dies with the sharder, however the sharder ends.
+
+    A SIGKILLed parent runs no cleanup, so each worker asks the kernel for SIGKILL when its
+    parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``) and also watches ``os.getppid()`` from a
+    thread (any POSIX system; re-parenting changes it). SIGINT is ignored: a Ctrl-C reaches
+    the whole process group, and the parent alone decides to stop, then terminates the pool.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog below still works
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watchdog():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="dser-parent-watchdog", daemon=True).start()
+
+
+class Stopped(BaseException):
+    """The sharder got SIGTERM (SIGINT stays KeyboardInterrupt); ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    # Once only: a second SIGTERM during the cleanup must not cut the cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Iterator[tuple[bytes, float, int] | str]:
     """Encode in input order, in this process or a pool of spawned ones."""
     if workers <= 1 or len(tasks) <= 1:
@@ -228,7 +279,7 @@ def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Ite
         return
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
+    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         yield from pool.imap(_encode, tasks, chunksize=4)
 
 
@@ -562,6 +613,10 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
 
     from tqdm import tqdm  # only the sharder draws progress bars
 
+    # SIGTERM (kill, timeout, docker stop) becomes an exception, so the cleanup below removes
+    # the .partial directory and tears the pool down, as it already does for Ctrl-C.
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped) if in_main else None
     tmp = _partial_dir(out)
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
@@ -619,6 +674,9 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
 
     t = index.totals
     lines = [f"wrote {out}: {len(groups)} group(s), {t['samples']} samples in {t['shards']} shard(s), "
