@@ -64,6 +64,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -490,6 +491,29 @@ def _protected(listing: Listing, root: Path) -> list[tuple[str, Path]]:
     return paths
 
 
+def _not_utf8(record: Record) -> str | None:
+    """The first of a record's path and labels that UTF-8 cannot encode, or None.
+
+    ``os.listdir`` hands a non-UTF-8 file name back with surrogate escapes; such a string
+    cannot go into a JSON label, a table row or ``index.json``.
+    """
+    for text in (str(record.path), *(v for v in record.labels().values() if isinstance(v, str))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+    return None
+
+
+def _shown(text: str) -> str:
+    """``text`` as is when UTF-8 can encode it, else its ``repr`` (printable, JSON-safe)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return repr(text)
+
+
 def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
     """Records to encode (sorted by group, reader order kept within each) and the id skips."""
     skipped: list[Skip] = []
@@ -497,6 +521,10 @@ def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
     by_id: set[str] = set()
     by_key: dict[str, str] = {}
     for r in listing.records:
+        if _not_utf8(r):
+            skipped.append(Skip(_shown(str(r.path)), f"file name or label is not valid UTF-8 "
+                                                     f"({_not_utf8(r)!r}); rename it to UTF-8 to shard it"))
+            continue
         key = shard_key(r.utt_id)
         if not _GROUP_NAME.match(r.group or ""):
             raise ShardError(f"{r.path}: group {r.group!r} of {r.utt_id!r} cannot name a shard directory "
@@ -553,6 +581,13 @@ def _publish(tmp: Path, out: Path, overwrite: bool, protected: list[tuple[str, P
         pass
 
 
+def _unwritable(out: Path, e: OSError) -> str:
+    """One line for an OS error while writing OUT: the path, what the errno means, what to do."""
+    where = e.filename if e.filename else out
+    return (f"cannot write OUT {out}: {where}: {os.strerror(e.errno)}; choose another OUT (a writable "
+            f"directory with free space); nothing was published and temporary files were removed")
+
+
 def _format_skips(skipped: list[Skip], limit: int | None) -> list[str]:
     shown = skipped if limit is None else skipped[:limit]
     lines = [f"  {s.input}: {s.reason}" for s in shown]
@@ -604,8 +639,14 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
     protected = _protected(listing, root)
     _check_out(out, overwrite, protected)
     records, id_skips = _plan(listing)
-    skipped = [*listing.skipped, *id_skips]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # A reader may name a non-UTF-8 file in a skip; shown by repr, it still prints and saves.
+    skipped = [Skip(_shown(s.input), _shown(s.reason)) for s in listing.skipped] + id_skips
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a directory of OUT's path should be
+        raise ShardError(_unwritable(out, OSError(errno.ENOTDIR, "", e.filename))) from None
+    except OSError as e:
+        raise ShardError(_unwritable(out, e)) from None
     leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
     if leftovers:
         print(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; safe to delete",
@@ -617,7 +658,10 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
     # the .partial directory and tears the pool down, as it already does for Ctrl-C.
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_stopped) if in_main else None
-    tmp = _partial_dir(out)
+    try:
+        tmp = _partial_dir(out)
+    except OSError as e:
+        raise ShardError(_unwritable(out, e)) from None
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
     try:
@@ -670,9 +714,11 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         })
         index.save(tmp)  # last: a directory with index.json is a finished one
         _publish(tmp, out, overwrite, protected)
-    except BaseException:
+    except BaseException as e:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # full disk, read-only or vanished OUT
+            raise ShardError(_unwritable(out, e)) from None
         raise
     finally:
         if in_main:
