@@ -110,6 +110,10 @@ _SAMPLE_WIDTH = {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "P
 # How many skips the printed summary and a --strict error list before "… and N more".
 _SHOW_SKIPS = 10
 
+# Clips longer than this many input frames are decoded, resampled and encoded block by block
+# (bounded memory); shorter ones in one go, as before. Tests lower it to stream small clips.
+BLOCK_FRAMES = 1 << 22
+
 # A clip with more than this share of its samples clipped to 16-bit full scale is skipped.
 MAX_CLIPPED = 0.01
 
@@ -199,17 +203,99 @@ def _to_int16(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
     return np.clip(x, -32768, 32767).astype(np.int16), clipped
 
 
-def _encode(task: tuple[str, int, float, float]) -> tuple[bytes, float, int] | str:
+def _open(path: str) -> sf.SoundFile:
+    if not os.path.isfile(path):
+        raise _BadAudio("audio file missing")
+    try:
+        return sf.SoundFile(path)
+    except sf.LibsndfileError as e:
+        raise _BadAudio(f"unreadable audio ({e.error_string})") from e
+    except RuntimeError as e:
+        raise _BadAudio(f"unreadable audio ({e})") from e
+
+
+def _encode_streamed(path: str, sample_rate: int, min_duration: float, max_clipped: float) -> tuple[bytes, float, int]:
+    """``_to_int16`` + FLAC for a clip longer than one block, ``BLOCK_FRAMES`` input frames at a time.
+
+    Memory stays at a few blocks plus the FLAC being written, whatever the clip's length: blocks
+    are decoded, down-mixed, resampled by soxr's streaming resampler and written to the FLAC
+    one after another, with clipped samples, silence and truncation counted per block.
+    """
+    with _open(path) as f:
+        sr_in, channels, subtype, frames, fmt = f.samplerate, f.channels, f.subtype, f.frames, f.format
+        exact = subtype == "PCM_16" and channels == 1 and sr_in == sample_rate
+        promised = max(frames, (_wav_data_frames(path, subtype, channels) if fmt == "WAV" else None) or 0)
+        stream = None if exact or sr_in == sample_rate else soxr.ResampleStream(
+            sr_in, sample_rate, 1, dtype="float64", quality="HQ")
+        buf = io.BytesIO()
+        read = written = clipped = 0
+        sound = False
+        with sf.SoundFile(buf, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as flac:
+            while True:
+                try:
+                    block = f.read(BLOCK_FRAMES, dtype="int16" if exact else "float64", always_2d=True)  # (B, C)
+                except RuntimeError as e:
+                    raise _BadAudio(f"unreadable or truncated audio ({getattr(e, 'error_string', e)})") from e
+                read += len(block)
+                last = len(block) < BLOCK_FRAMES
+                if exact:
+                    out = block[:, 0]
+                else:
+                    if not np.isfinite(block).all():
+                        raise _BadAudio("non-finite samples (NaN or inf) in the audio")
+                    x = block.mean(axis=1)  # (B,)
+                    del block
+                    if stream is not None:
+                        x = stream.resample_chunk(x, last=last)  # (B',)
+                    x = np.round(x * 32768.0)
+                    clipped += int(np.count_nonzero((x > 32767) | (x < -32768)))
+                    out = np.clip(x, -32768, 32767).astype(np.int16)
+                    del x
+                sound = sound or bool(out.any())
+                written += len(out)
+                flac.write(out)
+                del out
+                if last:
+                    break
+    if read < promised:
+        raise _BadAudio(f"truncated audio: the header promises {promised} samples, the file holds {read}")
+    duration = written / sample_rate
+    _check_clip(written, duration, sound, clipped, min_duration, max_clipped)
+    data = buf.getvalue()
+    del buf  # one copy of the FLAC, not two, goes back through the pool
+    return data, duration, clipped
+
+
+def _check_clip(samples: int, duration: float, sound: bool, clipped: int, min_duration: float,
+                max_clipped: float) -> None:
+    if duration < min_duration:
+        raise _BadAudio(f"too short: {duration:.3f} s (< min_duration {min_duration:g} s)")
+    if not sound:
+        raise _BadAudio("silent audio: every sample is zero")
+    if clipped > max_clipped * samples:
+        raise _BadAudio(f"clipped: {clipped} of {samples} samples ({clipped / samples:.1%}) lie past "
+                        f"full scale (> --max-clipped {max_clipped:g}); lower its level, or raise --max-clipped")
+
+
+def _encode(task: tuple) -> tuple[bytes, float, int] | str:
     """Worker entry point (top level, so spawned processes can import it).
 
     Args:
-        task: ``(path, sample_rate, min_duration, max_clipped)``.
+        task: ``(path, sample_rate, min_duration, max_clipped[, max_duration])``.
 
     Returns:
         ``(flac_bytes, duration_seconds, clipped_samples)``, or the reason the input is skipped.
     """
-    path, sample_rate, min_duration, max_clipped = task
+    path, sample_rate, min_duration, max_clipped, *rest = task
+    max_duration = rest[0] if rest else None
     try:
+        with _open(path) as f:
+            frames, sr_in = f.frames, f.samplerate
+        if max_duration is not None and frames / sr_in > max_duration:
+            raise _BadAudio(f"too long: {frames / sr_in:.1f} s by its header (> --max-duration {max_duration:g} s)")
+        if frames > BLOCK_FRAMES:
+            return _encode_streamed(path, sample_rate, min_duration, max_clipped)
+        # One block: today's one-shot path, so these shards stay byte-identical.
         audio, clipped = _to_int16(path, sample_rate)  # (T,) int16
         duration = len(audio) / sample_rate
         if duration < min_duration:
@@ -599,6 +685,7 @@ def _format_skips(skipped: list[Skip], limit: int | None) -> list[str]:
 def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample_rate: int = 16000,
                  max_shard_mb: float = 256.0, max_shard_samples: int | None = None,
                  min_duration: float = 0.25, max_clipped: float = MAX_CLIPPED, workers: int = 1,
+                 max_duration: float | None = None,
                  overwrite: bool = False, strict: bool = False, progress: bool = True,
                  reader: str | None = None) -> ShardIndex:
     """Encode a corpus listing into WebDataset shards and ``index.json`` (atomically).
@@ -612,6 +699,8 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         max_shard_mb: start a new shard before one would pass this many MiB.
         max_shard_samples: start a new shard past this many samples (None: no limit).
         min_duration: clips shorter than this (seconds, after conversion) are skipped.
+        max_duration: clips longer than this (seconds, by their header, before decoding) are
+            skipped; None: no limit. Any length is encoded in bounded memory (``BLOCK_FRAMES``).
         max_clipped: clips with more than this share of samples past 16-bit full scale
             (float input above 0 dBFS) are skipped; below it they are clipped and counted.
         workers: encoding processes; the output is byte-identical for any value. They are
@@ -633,6 +722,8 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
             with skipped inputs (naming them). OUT is untouched in every case.
     """
     _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers)
+    if max_duration is not None and not max_duration > 0:
+        raise ShardError(f"--max-duration must be a positive number of seconds, got {max_duration!r}")
     if not 0 <= max_clipped <= 1:
         raise ShardError(f"--max-clipped must be a fraction in [0, 1], got {max_clipped!r}")
     out = Path(out).expanduser().absolute()
@@ -665,7 +756,7 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
     try:
-        tasks = [(str(r.path), sample_rate, min_duration, max_clipped) for r in records]
+        tasks = [(str(r.path), sample_rate, min_duration, max_clipped, max_duration) for r in records]
         # closing(): on an error below, the pool is torn down now, not whenever GC gets to it.
         with closing(_encode_all(tasks, workers)) as results, \
                 tqdm(total=len(records), unit="utt", desc=f"shard {corpus}", file=sys.stderr,
@@ -700,7 +791,7 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sample_rate": sample_rate,
             "options": {"reader": reader or corpus, "sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
-                        "max_shard_samples": max_shard_samples, "min_duration": min_duration,
+                        "max_shard_samples": max_shard_samples, "min_duration": min_duration, "max_duration": max_duration,
                         "max_clipped": max_clipped, "workers": workers, "overwrite": overwrite,
                         "strict": strict},
             "groups": groups,
