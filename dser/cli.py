@@ -42,6 +42,8 @@ def main():
 @click.option("--max-shard-mb", default=256.0, show_default=True, help="Start a new shard past this size.")
 @click.option("--max-shard-samples", default=None, type=int, help="Start a new shard past this many samples.")
 @click.option("--min-duration", default=0.25, show_default=True, help="Skip clips shorter than this (s).")
+@click.option("--max-duration", default=None, type=float,
+              help="Skip clips longer than this (s), judged from the header before decoding (default: no limit).")
 @click.option("--max-clipped", default=0.01, show_default=True,
               help="Skip clips with more than this share of samples past full scale (float audio above 0 dBFS).")
 @click.option("--workers", default=1, show_default=True, help="Parallel encoding processes.")
@@ -49,7 +51,8 @@ def main():
 @click.option("--strict", is_flag=True, help="Fail (non-zero exit) if any input is skipped.")
 @click.option("--option", "reader_options", multiple=True, metavar="KEY=VALUE",
               help="Reader option, e.g. --option include_song=true for ravdess.")
-def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_duration, max_clipped, workers,
+def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_duration, max_duration, max_clipped,
+          workers,
           overwrite, strict, reader_options):
     """Turn CORPUS at ROOT into WebDataset shards in OUT (default shards/CORPUS).
 
@@ -57,17 +60,26 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
     CSV or JSONL file).
     """
     from dser.corpora import CorpusError, read_corpus
-    from dser.shards import ShardError, build_shards
+    import signal
+
+    from dser.shards import ShardError, Stopped, build_shards
 
     out = out or Path("shards") / corpus
     try:
         listing = read_corpus(corpus, root, **_parse_kv(reader_options, "--option"))
         build_shards(listing, out, corpus=corpus, root=root, sample_rate=sample_rate,
                      max_shard_mb=max_shard_mb, max_shard_samples=max_shard_samples,
-                     min_duration=min_duration, max_clipped=max_clipped, workers=workers,
+                     min_duration=min_duration, max_duration=max_duration, max_clipped=max_clipped,
+                     workers=workers,
                      overwrite=overwrite, strict=strict, reader=corpus)
     except (CorpusError, ShardError, TypeError, ValueError) as e:
         raise UserError(str(e)) from e
+    except (Stopped, KeyboardInterrupt) as e:
+        # 128 + N, as a shell reports a process killed by signal N.
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        click.echo(f"dser shard: stopped by {signal.Signals(signum).name}; {out} was not written "
+                   f"(its temporary .partial directory was removed)", err=True)
+        sys.exit(128 + signum)
 
 
 @main.command()

@@ -37,6 +37,10 @@ Guarantees:
 - Writing is atomic: everything goes to a hidden sibling ``.<OUT>.partial-<pid>``,
   ``index.json`` last, and only a finished run renames it to OUT. A crash (even ``kill -9``)
   leaves at most that ``.partial`` directory, never an OUT with an ``index.json``.
+- Signals: SIGTERM and SIGINT stop the run, remove the ``.partial`` directory and (from the
+  CLI) exit with 128 + the signal number after one line; every encoding worker dies with the
+  sharder, SIGKILL included (parent-death signal plus a ``getppid`` watchdog), though after a
+  SIGKILL the ``.partial`` directory stays.
 - Bad input never stops the run: the input is skipped with its reason (in ``index.json`` and
   the printed summary); ``strict=True`` turns any skip into a ``ShardError`` instead, and
   nothing is published.
@@ -60,6 +64,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -67,9 +72,11 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from contextlib import closing
@@ -88,7 +95,7 @@ from dser.labels import EMOTIONS, STYLES
 from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table, fresh_dir,
                          group_summary, read_index_json, sha256_file, table_row, upgrade_command)
 
-__all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "build_shards", "shard_key"]
+__all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "Stopped", "build_shards", "shard_key"]
 
 # --max-shard-mb counts mebibytes, as `du -h` and `ls -lh` show them.
 _MB = 1 << 20
@@ -102,6 +109,10 @@ _SAMPLE_WIDTH = {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "P
 
 # How many skips the printed summary and a --strict error list before "… and N more".
 _SHOW_SKIPS = 10
+
+# Clips longer than this many input frames are decoded, resampled and encoded block by block
+# (bounded memory); shorter ones in one go, as before. Tests lower it to stream small clips.
+BLOCK_FRAMES = 1 << 22
 
 # A clip with more than this share of its samples clipped to 16-bit full scale is skipped.
 MAX_CLIPPED = 0.01
@@ -192,17 +203,99 @@ def _to_int16(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
     return np.clip(x, -32768, 32767).astype(np.int16), clipped
 
 
-def _encode(task: tuple[str, int, float, float]) -> tuple[bytes, float, int] | str:
+def _open(path: str) -> sf.SoundFile:
+    if not os.path.isfile(path):
+        raise _BadAudio("audio file missing")
+    try:
+        return sf.SoundFile(path)
+    except sf.LibsndfileError as e:
+        raise _BadAudio(f"unreadable audio ({e.error_string})") from e
+    except RuntimeError as e:
+        raise _BadAudio(f"unreadable audio ({e})") from e
+
+
+def _encode_streamed(path: str, sample_rate: int, min_duration: float, max_clipped: float) -> tuple[bytes, float, int]:
+    """``_to_int16`` + FLAC for a clip longer than one block, ``BLOCK_FRAMES`` input frames at a time.
+
+    Memory stays at a few blocks plus the FLAC being written, whatever the clip's length: blocks
+    are decoded, down-mixed, resampled by soxr's streaming resampler and written to the FLAC
+    one after another, with clipped samples, silence and truncation counted per block.
+    """
+    with _open(path) as f:
+        sr_in, channels, subtype, frames, fmt = f.samplerate, f.channels, f.subtype, f.frames, f.format
+        exact = subtype == "PCM_16" and channels == 1 and sr_in == sample_rate
+        promised = max(frames, (_wav_data_frames(path, subtype, channels) if fmt == "WAV" else None) or 0)
+        stream = None if exact or sr_in == sample_rate else soxr.ResampleStream(
+            sr_in, sample_rate, 1, dtype="float64", quality="HQ")
+        buf = io.BytesIO()
+        read = written = clipped = 0
+        sound = False
+        with sf.SoundFile(buf, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as flac:
+            while True:
+                try:
+                    block = f.read(BLOCK_FRAMES, dtype="int16" if exact else "float64", always_2d=True)  # (B, C)
+                except RuntimeError as e:
+                    raise _BadAudio(f"unreadable or truncated audio ({getattr(e, 'error_string', e)})") from e
+                read += len(block)
+                last = len(block) < BLOCK_FRAMES
+                if exact:
+                    out = block[:, 0]
+                else:
+                    if not np.isfinite(block).all():
+                        raise _BadAudio("non-finite samples (NaN or inf) in the audio")
+                    x = block.mean(axis=1)  # (B,)
+                    del block
+                    if stream is not None:
+                        x = stream.resample_chunk(x, last=last)  # (B',)
+                    x = np.round(x * 32768.0)
+                    clipped += int(np.count_nonzero((x > 32767) | (x < -32768)))
+                    out = np.clip(x, -32768, 32767).astype(np.int16)
+                    del x
+                sound = sound or bool(out.any())
+                written += len(out)
+                flac.write(out)
+                del out
+                if last:
+                    break
+    if read < promised:
+        raise _BadAudio(f"truncated audio: the header promises {promised} samples, the file holds {read}")
+    duration = written / sample_rate
+    _check_clip(written, duration, sound, clipped, min_duration, max_clipped)
+    data = buf.getvalue()
+    del buf  # one copy of the FLAC, not two, goes back through the pool
+    return data, duration, clipped
+
+
+def _check_clip(samples: int, duration: float, sound: bool, clipped: int, min_duration: float,
+                max_clipped: float) -> None:
+    if duration < min_duration:
+        raise _BadAudio(f"too short: {duration:.3f} s (< min_duration {min_duration:g} s)")
+    if not sound:
+        raise _BadAudio("silent audio: every sample is zero")
+    if clipped > max_clipped * samples:
+        raise _BadAudio(f"clipped: {clipped} of {samples} samples ({clipped / samples:.1%}) lie past "
+                        f"full scale (> --max-clipped {max_clipped:g}); lower its level, or raise --max-clipped")
+
+
+def _encode(task: tuple) -> tuple[bytes, float, int] | str:
     """Worker entry point (top level, so spawned processes can import it).
 
     Args:
-        task: ``(path, sample_rate, min_duration, max_clipped)``.
+        task: ``(path, sample_rate, min_duration, max_clipped[, max_duration])``.
 
     Returns:
         ``(flac_bytes, duration_seconds, clipped_samples)``, or the reason the input is skipped.
     """
-    path, sample_rate, min_duration, max_clipped = task
+    path, sample_rate, min_duration, max_clipped, *rest = task
+    max_duration = rest[0] if rest else None
     try:
+        with _open(path) as f:
+            frames, sr_in = f.frames, f.samplerate
+        if max_duration is not None and frames / sr_in > max_duration:
+            raise _BadAudio(f"too long: {frames / sr_in:.1f} s by its header (> --max-duration {max_duration:g} s)")
+        if frames > BLOCK_FRAMES:
+            return _encode_streamed(path, sample_rate, min_duration, max_clipped)
+        # One block: today's one-shot path, so these shards stay byte-identical.
         audio, clipped = _to_int16(path, sample_rate)  # (T,) int16
         duration = len(audio) / sample_rate
         if duration < min_duration:
@@ -221,6 +314,51 @@ def _encode(task: tuple[str, int, float, float]) -> tuple[bytes, float, int] | s
         return f"could not encode audio ({type(e).__name__}: {e})"
 
 
+# prctl(2) option: the signal a process gets when the thread that created it dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int) -> None:
+    """Pool initializer: a worker dies with the sharder, however the sharder ends.
+
+    A SIGKILLed parent runs no cleanup, so each worker asks the kernel for SIGKILL when its
+    parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``) and also watches ``os.getppid()`` from a
+    thread (any POSIX system; re-parenting changes it). SIGINT is ignored: a Ctrl-C reaches
+    the whole process group, and the parent alone decides to stop, then terminates the pool.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog below still works
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watchdog():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="dser-parent-watchdog", daemon=True).start()
+
+
+class Stopped(BaseException):
+    """The sharder got SIGTERM (SIGINT stays KeyboardInterrupt); ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    # Once only: a second SIGTERM during the cleanup must not cut the cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Iterator[tuple[bytes, float, int] | str]:
     """Encode in input order, in this process or a pool of spawned ones."""
     if workers <= 1 or len(tasks) <= 1:
@@ -228,7 +366,7 @@ def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Ite
         return
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
+    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         yield from pool.imap(_encode, tasks, chunksize=4)
 
 
@@ -439,6 +577,29 @@ def _protected(listing: Listing, root: Path) -> list[tuple[str, Path]]:
     return paths
 
 
+def _not_utf8(record: Record) -> str | None:
+    """The first of a record's path and labels that UTF-8 cannot encode, or None.
+
+    ``os.listdir`` hands a non-UTF-8 file name back with surrogate escapes; such a string
+    cannot go into a JSON label, a table row or ``index.json``.
+    """
+    for text in (str(record.path), *(v for v in record.labels().values() if isinstance(v, str))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+    return None
+
+
+def _shown(text: str) -> str:
+    """``text`` as is when UTF-8 can encode it, else its ``repr`` (printable, JSON-safe)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return repr(text)
+
+
 def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
     """Records to encode (sorted by group, reader order kept within each) and the id skips."""
     skipped: list[Skip] = []
@@ -446,6 +607,10 @@ def _plan(listing: Listing) -> tuple[list[Record], list[Skip]]:
     by_id: set[str] = set()
     by_key: dict[str, str] = {}
     for r in listing.records:
+        if _not_utf8(r):
+            skipped.append(Skip(_shown(str(r.path)), f"file name or label is not valid UTF-8 "
+                                                     f"({_not_utf8(r)!r}); rename it to UTF-8 to shard it"))
+            continue
         key = shard_key(r.utt_id)
         if not _GROUP_NAME.match(r.group or ""):
             raise ShardError(f"{r.path}: group {r.group!r} of {r.utt_id!r} cannot name a shard directory "
@@ -489,6 +654,13 @@ def _publish(tmp: Path, out: Path, overwrite: bool, protected: list[tuple[str, P
         pass
 
 
+def _unwritable(out: Path, e: OSError) -> str:
+    """One line for an OS error while writing OUT: the path, what the errno means, what to do."""
+    where = e.filename if e.filename else out
+    return (f"cannot write OUT {out}: {where}: {os.strerror(e.errno)}; choose another OUT (a writable "
+            f"directory with free space); nothing was published and temporary files were removed")
+
+
 def _format_skips(skipped: list[Skip], limit: int | None) -> list[str]:
     shown = skipped if limit is None else skipped[:limit]
     lines = [f"  {s.input}: {s.reason}" for s in shown]
@@ -500,6 +672,7 @@ def _format_skips(skipped: list[Skip], limit: int | None) -> list[str]:
 def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample_rate: int = 16000,
                  max_shard_mb: float = 256.0, max_shard_samples: int | None = None,
                  min_duration: float = 0.25, max_clipped: float = MAX_CLIPPED, workers: int = 1,
+                 max_duration: float | None = None,
                  overwrite: bool = False, strict: bool = False, progress: bool = True,
                  reader: str | None = None) -> ShardIndex:
     """Encode a corpus listing into WebDataset shards and ``index.json`` (atomically).
@@ -513,6 +686,8 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         max_shard_mb: start a new shard before one would pass this many MiB.
         max_shard_samples: start a new shard past this many samples (None: no limit).
         min_duration: clips shorter than this (seconds, after conversion) are skipped.
+        max_duration: clips longer than this (seconds, by their header, before decoding) are
+            skipped; None: no limit. Any length is encoded in bounded memory (``BLOCK_FRAMES``).
         max_clipped: clips with more than this share of samples past 16-bit full scale
             (float input above 0 dBFS) are skipped; below it they are clipped and counted.
         workers: encoding processes; the output is byte-identical for any value. They are
@@ -534,14 +709,22 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
             with skipped inputs (naming them). OUT is untouched in every case.
     """
     _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers)
+    if max_duration is not None and not max_duration > 0:
+        raise ShardError(f"--max-duration must be a positive number of seconds, got {max_duration!r}")
     if not 0 <= max_clipped <= 1:
         raise ShardError(f"--max-clipped must be a fraction in [0, 1], got {max_clipped!r}")
     out = Path(out).expanduser().absolute()
     protected = _protected(listing, root)
     _check_out(out, overwrite, protected)
     records, id_skips = _plan(listing)
-    skipped = [*listing.skipped, *id_skips]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # A reader may name a non-UTF-8 file in a skip; shown by repr, it still prints and saves.
+    skipped = [Skip(_shown(s.input), _shown(s.reason)) for s in listing.skipped] + id_skips
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a directory of OUT's path should be
+        raise ShardError(_unwritable(out, OSError(errno.ENOTDIR, "", e.filename))) from None
+    except OSError as e:
+        raise ShardError(_unwritable(out, e)) from None
     leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
     if leftovers:
         print(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; safe to delete",
@@ -549,11 +732,18 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
 
     from tqdm import tqdm  # only the sharder draws progress bars
 
-    tmp = fresh_dir(out.parent / f".{out.name}.partial-{os.getpid()}")  # a hidden sibling to build in
+    try:
+        tmp = fresh_dir(out.parent / f".{out.name}.partial-{os.getpid()}")  # a hidden sibling to build in
+    except OSError as e:
+        raise ShardError(_unwritable(out, e)) from None
+    # SIGTERM (kill, timeout, docker stop) becomes an exception, so the cleanup below removes
+    # the .partial directory and tears the pool down, as it already does for Ctrl-C.
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped) if in_main else None
     writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
     started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
     try:
-        tasks = [(str(r.path), sample_rate, min_duration, max_clipped) for r in records]
+        tasks = [(str(r.path), sample_rate, min_duration, max_clipped, max_duration) for r in records]
         # closing(): on an error below, the pool is torn down now, not whenever GC gets to it.
         with closing(_encode_all(tasks, workers)) as results, \
                 tqdm(total=len(records), unit="utt", desc=f"shard {corpus}", file=sys.stderr,
@@ -588,7 +778,7 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sample_rate": sample_rate,
             "options": {"reader": reader or corpus, "sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
-                        "max_shard_samples": max_shard_samples, "min_duration": min_duration,
+                        "max_shard_samples": max_shard_samples, "min_duration": min_duration, "max_duration": max_duration,
                         "max_clipped": max_clipped, "workers": workers, "overwrite": overwrite,
                         "strict": strict},
             "groups": groups,
@@ -602,10 +792,15 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         })
         index.save(tmp)  # last: a directory with index.json is a finished one
         _publish(tmp, out, overwrite, protected)
-    except BaseException:
+    except BaseException as e:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # full disk, read-only or vanished OUT
+            raise ShardError(_unwritable(out, e)) from None
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
 
     t = index.totals
     lines = [f"wrote {out}: {len(groups)} group(s), {t['samples']} samples in {t['shards']} shard(s), "

@@ -38,6 +38,7 @@ Options:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -108,9 +109,21 @@ def read(root: Path, **options) -> Listing:
     return listing
 
 
+def _read_text(path: Path) -> str:
+    """The manifest's text; a byte that is not UTF-8 is one error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise CorpusError(f"manifest: {path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                          f"column {column}); save the manifest as UTF-8") from None
+
+
 def _csv_rows(path: Path):
     """Yield (line number, row dict or skip reason) for each CSV data row."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         fields = [name.strip() for name in (reader.fieldnames or [])]
         if "path" not in fields:
@@ -127,7 +140,7 @@ def _csv_rows(path: Path):
 
 def _jsonl_rows(path: Path):
     """Yield (line number, row dict or skip reason) for each non-blank JSONL line."""
-    with open(path, encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

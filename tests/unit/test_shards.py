@@ -135,7 +135,7 @@ def test_index_records_files_counts_and_options(tmp_path):
     assert data["dser_version"] == dser.__version__ and data["sample_rate"] == SR
     assert data["root"] == str((tmp_path / "root").absolute())
     assert data["options"] == {"reader": "testcorpus", "sample_rate": SR, "max_shard_mb": 256.0,
-                               "max_shard_samples": 2, "min_duration": 0.25, "max_clipped": 0.01,
+                               "max_shard_samples": 2, "min_duration": 0.25, "max_duration": None, "max_clipped": 0.01,
                                "workers": 1, "overwrite": False, "strict": False}
     assert list(data["groups"]) == ["Session2", "fold0", "fold1"]
     assert data["skipped"] == [{"input": "/labels.csv line 7", "reason": "unknown emotion code 'X'"}]
