@@ -70,18 +70,29 @@ def launch_training(train_args: list[str], ranks: int | None = None, master_port
 
     SIGTERM and SIGUSR1 sent to this process (``timeout``, ``docker stop``, ``kill``) are passed
     to every rank, which checkpoints and stops (exit 128 + the signal's number; the DeepSpeed
-    launcher itself would kill the ranks without a checkpoint). A run that stopped before its
-    end prints ``stopped at step N by …; resume with …`` as the last line.
+    launcher itself would kill the ranks without a checkpoint, so it runs in a session of its
+    own and a signal to our process group reaches only us). SIGINT goes to the launcher's whole
+    process group, as a terminal would send it. A run that stopped before its end prints
+    ``stopped at step N by …; resume with …`` as the last line.
     """
-    import psutil  # a DeepSpeed dependency
+    import psutil
 
     cmd, env = launch_command(train_args, ranks, master_port)
     print("+", " ".join(cmd), flush=True)
     with tempfile.TemporaryDirectory(prefix="dser-train-") as tmp:
         env["DSER_STOP_FILE"] = str(Path(tmp) / "stopped")
-        proc = subprocess.Popen(cmd, env=env)
+        # A session of its own: a signal to our process group (`timeout`, a terminal's Ctrl-C)
+        # would otherwise reach the DeepSpeed launcher too, which kills the ranks' process trees
+        # with no checkpoint (SIGKILL after 30 s) and exits 1, whatever the ranks were doing.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
         def forward(signum, _frame):
+            if signum == signal.SIGINT:  # Ctrl-C: to the launcher's whole tree, as the terminal would
+                try:
+                    os.killpg(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+                return
             try:
                 kids = psutil.Process(proc.pid).children(recursive=True)
             except psutil.Error:
@@ -94,7 +105,7 @@ def launch_training(train_args: list[str], ranks: int | None = None, master_port
                 except (psutil.Error, ProcessLookupError):
                     pass
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             rc = proc.wait()
         finally:

@@ -283,17 +283,19 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir
 
 
 def test_sigterm_to_dser_train_checkpoints_and_exits_143_never_looking_finished(workdir):
-    # as `timeout`, `docker stop` or `kill` send it: to the dser train process, not to a rank
+    # as `timeout` and a shell's kill of a job send it: to dser train's whole process group (the
+    # DeepSpeed launcher, if it were in it, would kill the ranks with no checkpoint and exit 1)
     run = workdir / "runs" / "terminated"
     cmd, env = command(*stage1_args("terminated"), sets=LONG)
     script = cmd.index(str(FAULTY))
     cli = [sys.executable, "-m", "dser.cli", "train", *cmd[script + 1:], "--ranks", "2"]
     env.pop("DSER_FAULT", None)
-    proc = subprocess.Popen(cli, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         rank_pids(proc)
         wait_for(run / "checkpoints" / "latest", proc)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
