@@ -923,7 +923,15 @@ def run_bench(out: Path | None = None, *, quick: bool = False, sections: Sequenc
         sizes = replace(sizes, backbone=backbone)
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="dser-bench-")) if temporary else Path(workdir).absolute()
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and not work.is_dir():
+        from dser.paths import found
+
+        raise BenchError(f"--workdir {workdir}: expected a directory for the bench's corpora, shards and runs, "
+                         f"found {found(work)}")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"--workdir {workdir}: cannot make it ({e.strerror}); give a writable directory") from None
     command = "dser bench" + (" --quick" if quick else "") + (f" --backbone {backbone}" if backbone else "") \
         + "".join(f" --only {s}" for s in sections if tuple(sections) != SECTIONS) + (f" --out {out}" if out else "")
     results: dict = {"format": FORMAT, "quick": quick, "command": command, "sizes": asdict(sizes),

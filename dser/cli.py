@@ -127,6 +127,16 @@ def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_po
     for flag, value in (("--init-from", init_from), ("--run-dir", run_dir), ("--resume", resume)):
         if value:
             args += [flag, str(value)]
+    # The recipe's own checks, here first: a bad config or path is one line, not the launcher's
+    # start-up and teardown around it. The ranks check again (nothing changes in between here).
+    from dser.config import ConfigError
+    from dser.train import RecipeError, check_config, parse_args
+
+    try:
+        check_config(parse_args(args))
+    except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+        click.echo(f"dser train: error: {e}", err=True)
+        sys.exit(2)
     sys.exit(launch_training(args, ranks=ranks, master_port=master_port))
 
 

@@ -130,7 +130,10 @@ def load_grid(path: Path) -> Grid:
     """
     path = Path(path)
     if not path.is_file():
-        raise GridError(f"grid file {path} not found (slurm/grid.yaml shows the format)")
+        from dser.paths import found
+
+        raise GridError(f"grid file {path}: expected a YAML file, found {found(path)} "
+                        f"(slurm/grid.yaml shows the format)")
     if path.suffix in (".sh", ".bash"):
         raise GridError(f"{path} is a bash grid, which dser no longer executes; {HOW_TO_CONVERT}")
     try:

@@ -288,10 +288,15 @@ def collect(runs_dir: Path) -> Report:
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise ReportError(f"{runs_dir}: no such directory; give the directory that holds your run directories")
+        from dser.paths import found
+
+        raise ReportError(f"{runs_dir}: expected the directory that holds your run directories, found {found(runs_dir)}")
     runs = [read_run(d) for d in find_run_dirs(runs_dir)]
     if not runs:
-        raise ReportError(f"{runs_dir}: no run directories (none holds metrics.json or a run config.yaml)")
+        from dser.paths import found
+
+        raise ReportError(f"{runs_dir}: no run directories (none holds metrics.json or a run config.yaml): "
+                          f"found {found(runs_dir)}")
 
     left_out = [LeftOut(r.path, r.stage, r.problem, r.precision) for r in runs if r.problem]
     done = [r for r in runs if not r.problem]

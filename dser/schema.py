@@ -117,7 +117,10 @@ class ShardIndex:
         out = Path(out).expanduser()
         path = out if out.name == INDEX_NAME and out.is_file() else out / INDEX_NAME
         if not path.is_file():
-            raise ShardError(f"no {INDEX_NAME} in {path.parent}; make shards there with `dser shard`")
+            from dser.paths import found
+
+            raise ShardError(f"{out}: expected a shard directory with {INDEX_NAME}, found {found(out)}; "
+                             f"make shards there with `dser shard`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- config, checked before any process group or compute ---------------------------
     try:
-        stage, cfg, recorded = read_run_config(args)
-        cfg, schedule_notes = check_schedule(cfg)
-        set_warnings = check_inputs(cfg, stage, recorded)
+        stage, cfg, recorded, schedule_notes, set_warnings = check_config(args)
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
         if env_rank == 0:
             print(f"dser train: error: {e}", file=sys.stderr, flush=True)
@@ -286,15 +284,61 @@ def init_process_group(deepspeed, timeout: dt.timedelta) -> None:
     deepspeed.init_distributed(timeout=timeout)
 
 
+def check_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision | None, list[str], list[str]]:
+    """Everything checked before a process group: the run config, its schedule, its inputs and
+    the run directory. ``dser train`` calls it too, before the launcher, so that a bad config
+    is its one line and nothing else.
+
+    Returns:
+        The stage, the config, the recorded precision (resuming), the schedule notes and the
+        label-set warnings.
+
+    Raises:
+        RecipeError, ConfigError, FileNotFoundError, ValueError: one line naming the key or path.
+    """
+    stage, cfg, recorded = read_run_config(args)
+    cfg, schedule_notes = check_schedule(cfg)
+    if args.run_dir and not args.resume:
+        check_new_run_dir(Path(args.run_dir))
+    set_warnings = check_inputs(cfg, stage, recorded)
+    return stage, cfg, recorded, schedule_notes, set_warnings
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """``--run-dir`` must be new (or an empty directory): dser never writes a run into a folder
+    holding anything else, a user's shards or another run included."""
+    from dser.paths import found, is_run_dir
+
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return
+    if run_dir.is_dir() and is_run_dir(run_dir):
+        raise RecipeError(f"--run-dir {run_dir}: expected a new directory, found a run directory; continue it with "
+                          f"--resume {run_dir}, or give a new --run-dir")
+    raise RecipeError(f"--run-dir {run_dir}: expected a new directory, found {found(run_dir)}; give a new --run-dir "
+                      f"(dser writes a run only into a folder of its own)")
+
+
 def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision | None]:
     """The stage, the resolved run config, and (resuming) the precision the run started in:
     from --resume's run directory, or --config/--set."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
-            raise RecipeError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        meta = yaml.safe_load((run_dir / "config.yaml").read_text())
-        recorded = recorded_precision(meta, str(run_dir / "config.yaml"))
+            from dser.paths import found
+
+            raise RecipeError(f"--resume {run_dir}: expected a run directory with config.yaml, found {found(run_dir)}")
+        where = run_dir / "config.yaml"
+        try:
+            meta = yaml.safe_load(where.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RecipeError(f"--resume {run_dir}: {where} cannot be read as YAML "
+                              f"({str(e).splitlines()[0]}); it is the file dser wrote when the run started") from None
+        if not isinstance(meta, dict) or meta.get("stage") not in (1, 2) or not isinstance(meta.get("config"), dict):
+            raise RecipeError(f"--resume {run_dir}: {where} is not a run's config (expected the keys stage: 1|2 and "
+                              f"config: {{...}} that dser writes when a run starts)")
+        recorded = recorded_precision(meta, str(where))
         latest = run_dir / "checkpoints" / "latest"
         if latest.is_file():
             # Every file the resume unpickles, on every rank, before any process group: a tampered
@@ -324,6 +368,24 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
         check_device(recorded.name if recorded else cfg.deepspeed.precision, torch.cuda.is_available(), recorded)
     except PrecisionError as e:
         raise RecipeError(str(e)) from None
+    if stage == 2:
+        init_export = Path(cfg.stage2.init_from) / "export"
+        if not (init_export / "export.json").is_file():
+            latest = Path(cfg.stage2.init_from) / "checkpoints" / "latest"
+            if latest.is_file() and not (Path(cfg.stage2.init_from) / "metrics.json").is_file():
+                raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: that stage-1 run stopped before its end "
+                                  f"(last checkpoint {latest.read_text().strip()}); finish it first with "
+                                  f"dser train --resume {cfg.stage2.init_from}")
+            from dser.paths import found
+
+            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: expected a finished stage-1 run directory "
+                              f"(with export/), found {found(cfg.stage2.init_from)}; did its stage 1 finish?")
+        label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+        src = export_labels(init_export)
+        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
+            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
+                              f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
+                              f"(--set stage2.new_head=true) to train a new head")
     groups = {"data.train": cfg.data.train, "data.valid": cfg.data.valid,
               **{f"data.test.{k}": v for k, v in cfg.data.test.items()}}
     if cfg.data.rehearsal.shards:
@@ -341,21 +403,6 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
         check_backbone(cfg.model.backbone)
     except BackboneError as e:
         raise RecipeError(f"config.model.backbone.name: {e}") from None
-    if stage == 2:
-        init_export = Path(cfg.stage2.init_from) / "export"
-        if not (init_export / "export.json").is_file():
-            latest = Path(cfg.stage2.init_from) / "checkpoints" / "latest"
-            if latest.is_file() and not (Path(cfg.stage2.init_from) / "metrics.json").is_file():
-                raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: that stage-1 run stopped before its end "
-                                  f"(last checkpoint {latest.read_text().strip()}); finish it first with "
-                                  f"dser train --resume {cfg.stage2.init_from}")
-            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: no export/ there; did its stage 1 finish?")
-        label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
-        src = export_labels(init_export)
-        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
-            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
-                              f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
-                              f"(--set stage2.new_head=true) to train a new head")
     return set_warnings
 
 

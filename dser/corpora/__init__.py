@@ -152,14 +152,18 @@ def audio_file_problem(path: Path) -> str | None:
 def require_dir(path: Path, what: str) -> Path:
     """Fail with a CorpusError naming what was expected, unless ``path`` is a directory."""
     if not path.is_dir():
-        raise CorpusError(f"{what}: expected a directory at {path}, found none")
+        from dser.paths import found
+
+        raise CorpusError(f"{what}: expected a directory at {path}, found {found(path)}")
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
     """Fail with a CorpusError naming what was expected, unless ``path`` is a file."""
     if not path.is_file():
-        raise CorpusError(f"{what}: expected a file at {path}, found none")
+        from dser.paths import found
+
+        raise CorpusError(f"{what}: expected a file at {path}, found {found(path)}")
     return path
 
 
@@ -185,6 +189,9 @@ def read_corpus(name: str, root: Path, **options) -> Listing:
     module = importlib.import_module(f"dser.corpora.{READERS[name]}")
     if not Path(root).exists():
         raise CorpusError(f"{name}: ROOT {root} does not exist")
+    if name != "manifest" and not Path(root).is_dir():
+        raise CorpusError(f"{name}: ROOT {root} is a file; give the corpus folder (a CSV or JSONL list of clips "
+                          f"is read with `dser shard manifest FILE`)")
     listing = module.read(Path(root), **options)
     listing.drop_duplicate_ids()
     return listing

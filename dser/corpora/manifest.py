@@ -174,6 +174,11 @@ def _record(row: dict, base: Path, scale: tuple[float, float]) -> Record:
         raise _BadRow("no path")
     path = Path(path_text)
     path = path if path.is_absolute() else base / path
+    raw = row.get("path")
+    if not path.is_file() and isinstance(raw, str) and raw != path_text:
+        # a file whose name starts or ends in whitespace is still found under its exact name
+        exact = Path(raw) if Path(raw).is_absolute() else base / raw
+        path = exact if exact.is_file() else path
     if not path.is_file():
         raise _BadRow(f"label row has no audio file at {path}")
     utt_id = _text(row, "utt_id") or path.stem

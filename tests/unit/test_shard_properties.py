@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,9 @@ from dser.labels import EMOTIONS
 from dser.schema import ShardIndex
 from dser.shards import shard_key
 
-PROFILE_EXAMPLES = 300
+# DSER_PROPERTY_EXAMPLES=N searches N random (not derandomized) examples instead: a longer hunt.
+PROFILE_EXAMPLES = int(os.environ.get("DSER_PROPERTY_EXAMPLES", 300))
+DERANDOMIZE = "DSER_PROPERTY_EXAMPLES" not in os.environ
 
 # -- the corpus: audio files -------------------------------------------------------------------
 
@@ -205,7 +208,7 @@ def _tree(root: Path, skip: Path | None = None) -> dict[str, str]:
 TRIED = {"examples": 0, "sharded": 0, "refused": 0, "rows": 0, "rows_sharded": 0}
 
 
-@settings(max_examples=PROFILE_EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=PROFILE_EXAMPLES, deadline=None, derandomize=DERANDOMIZE, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=corpus)
 def test_any_manifest_is_sharded_or_skipped_with_a_reason_and_nothing_leaks(spec):

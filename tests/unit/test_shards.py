@@ -452,7 +452,7 @@ def test_shard_index_load_save_and_verify(tmp_path):
 
 
 def test_shard_index_load_errors(tmp_path):
-    with pytest.raises(ShardError, match="no index.json in .*dser shard"):
+    with pytest.raises(ShardError, match="expected a shard directory with index.json, found .*dser shard"):
         ShardIndex.load(tmp_path)
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ShardError, match="cannot be read as JSON"):

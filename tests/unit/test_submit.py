@@ -191,7 +191,7 @@ def test_cli_dry_run_and_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "logs").exists()  # a dry run submits and creates nothing
 
     r = runner.invoke(main, ["submit", "--grid", str(tmp_path / "missing.yaml"), "--dry-run"])
-    assert r.exit_code == 1 and "grid file" in r.output and "not found" in r.output
+    assert r.exit_code == 1 and "grid file" in r.output and "expected a YAML file, found nothing" in r.output
     r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--dry-run"])
     assert r.exit_code == 1 and "--stage2" in r.output
     r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--stage2", str(CFG2), "--set", "optim.lrr=1",
