@@ -163,3 +163,15 @@ def test_ingests_dser_synth_output(tmp_path):
         assert (r.emotion, r.speaker, r.gender, r.group, r.style) == (
             row["emotion"], row["speaker"], row["gender"], row["group"], "acted")
         assert (r.valence, r.arousal, r.dominance) == (row["valence"], row["arousal"], row["dominance"])
+
+
+def test_a_file_whose_name_ends_in_whitespace_is_found_by_its_exact_name(tmp_path):
+    # the property test's find: the path was stripped, so "clip\r" could not be named at all
+    write_wav(tmp_path / "wav" / "clip.wav", seconds=0.3).rename(tmp_path / "wav" / "clip\r")
+    write_wav(tmp_path / "wav" / "plain.wav", seconds=0.3)
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"path": "wav/clip\r", "emotion": "sad"}) + "\n"
+                    + json.dumps({"path": " wav/plain.wav ", "emotion": "happy"}) + "\n")
+    listing = manifest.read(path)
+    assert not listing.skipped
+    assert [r.path.name for r in listing.records] == ["clip\r", "plain.wav"]
