@@ -236,7 +236,7 @@ def _load_peft_adapter(model, adapter: str, directory: Path, skip: tuple[str, ..
     config_path = directory / "adapter_config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing; the export's LoRA set {adapter!r} is incomplete")
-    saved = json.loads(config_path.read_text())
+    saved = _read_json(config_path, "LoRA config")
     ours = hf_model.peft_config[adapter]
     for key in ("r", "lora_alpha", "use_rslora", "use_dora"):
         if saved.get(key) != getattr(ours, key):
@@ -333,6 +333,22 @@ def export_model(
     return out
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """``path`` parsed as a JSON object; anything else is a CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the {what} cannot be read as JSON ({str(e).splitlines()[0]}); "
+                              f"the export is damaged: export the run again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the {what} should be a JSON object, found a {type(data).__name__}; "
+                              f"the export is damaged: export the run again")
+    return data
+
+
+EXPORT_KEYS = ("model", "backbone", "merged", "fresh_adaptors", "lora", "num_classes", "task")
+
+
 def read_export(out_dir: str | Path) -> dict:
     """The ``export.json`` of an export directory.
 
@@ -342,9 +358,13 @@ def read_export(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "export.json"
     if not path.is_file():
         raise CheckpointError(f"{Path(out_dir)} holds no dser export (no export.json); did the run finish?")
-    meta = json.loads(path.read_text())
+    meta = _read_json(path, "export description")
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, this dser reads {EXPORT_FORMAT!r}")
+    missing = [k for k in EXPORT_KEYS if k not in meta]
+    if missing or not isinstance(meta["lora"], dict) or not isinstance(meta["fresh_adaptors"], list):
+        raise CheckpointError(f"{path}: " + (f"no {', '.join(missing)}" if missing else "lora/fresh_adaptors of the "
+                              "wrong type") + "; the export is damaged: export the run again")
     return meta
 
 
@@ -354,9 +374,17 @@ def export_labels(out_dir: str | Path) -> dict | None:
     Raises:
         CheckpointError: not an export directory.
     """
-    read_export(out_dir)
+    meta = read_export(out_dir)
     path = Path(out_dir) / "labels.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        if meta["task"] != "dimensional":
+            raise CheckpointError(f"{path}: missing, and the {meta['task']} model needs its label set; "
+                                  f"the export is damaged: export the run again")
+        return None
+    labels = _read_json(path, "label set")
+    if not isinstance(labels.get("classes"), list):
+        raise CheckpointError(f"{path}: no list of classes; the export is damaged: export the run again")
+    return labels
 
 
 def load_export_weights(model, out_dir: str | Path, skip_prefixes: tuple[str, ...] = ()) -> None:
@@ -443,7 +471,20 @@ def load_exported(out_dir: str | Path):
         raise UnsafeCheckpointError(refusal(f"backbone {cfg.backbone.name} of {out}", e)) from None
     model.add_fresh_adaptors(fresh)
     load_export_weights(model, out)
-    run_config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    run_config = {}
+    if (out / "config.yaml").is_file():
+        try:
+            run_config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise CheckpointError(f"{out / 'config.yaml'}: the run config cannot be read as YAML "
+                                  f"({str(e).splitlines()[0]}); the export is damaged: export the run again") from None
+        if not isinstance(run_config, dict):
+            raise CheckpointError(f"{out / 'config.yaml'}: the run config should be a mapping, found a "
+                                  f"{type(run_config).__name__}; the export is damaged: export the run again")
     labels = export_labels(out)
-    label_set = LabelSet.from_dict(labels) if labels else None
+    try:
+        label_set = LabelSet.from_dict(labels) if labels else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{out / 'labels.json'}: not a label set ({e}); the export is damaged: "
+                              f"export the run again") from None
     return model.eval(), run_config, label_set

@@ -122,3 +122,34 @@ def test_a_run_directory_that_is_not_one_is_one_line(tmp_path, run_dir, files, k
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and str(target) in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("name", ["export.json", "labels.json", "config.yaml", "lora/adapter_config.json"])
+@pytest.mark.parametrize("damage, says", [
+    (b"\xff\xfe", "cannot be read as"),            # not UTF-8
+    (b"{bad", "cannot be read as"),                # not JSON / YAML
+    (b"[1, 2]", "should be a"),                    # a list where an object belongs
+    (None, "missing"),                             # deleted
+])
+def test_a_damaged_export_is_one_line_naming_the_file(run_dir, tmp_path, files, name, damage, says):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "export", run / "export")
+    target = run / "export" / name
+    assert target.is_file()
+    if damage is None:
+        target.unlink()
+    else:
+        target.write_bytes(damage)
+    r = CliRunner().invoke(main, ["predict", str(run), str(files[0][0])])
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    if name == "config.yaml" and damage is None:  # no export/config.yaml: not a finished run at all
+        assert lines[0] == f"Error: {run} is no exported model, not a finished run: give a run directory holding " \
+                           f"export/config.yaml (written when a run finishes)"
+    elif name == "export.json" and damage is None:
+        assert f"{run / 'export'} holds no dser export (no export.json)" in lines[0]
+    else:
+        assert lines[0].startswith(f"Error: {target}: ") and says in lines[0], lines[0]
