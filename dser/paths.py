@@ -14,12 +14,15 @@ from pathlib import Path
 from dser.schema import INDEX_NAME, read_index_json
 
 
-def found(path: str | Path) -> str:
+def found(path: str | Path, directory: bool = False) -> str:
     """A short description of what is at ``path``: nothing, a file, an empty directory, a
-    shard directory, a run directory, a directory of runs, or some other directory."""
+    shard directory, a run directory, a directory of runs, or some other directory.
+    ``directory`` says a directory was expected, for the wording of "nothing there"."""
     path = Path(path)
     if not path.exists():
-        return "nothing (no such file or directory)" if not path.is_symlink() else "a broken symbolic link"
+        if path.is_symlink():
+            return "a broken symbolic link"
+        return "nothing (no such directory)" if directory else "nothing (not found)"
     if not path.is_dir():
         return "a file"
     try:

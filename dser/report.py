@@ -290,7 +290,8 @@ def collect(runs_dir: Path) -> Report:
     if not runs_dir.is_dir():
         from dser.paths import found
 
-        raise ReportError(f"{runs_dir}: expected the directory that holds your run directories, found {found(runs_dir)}")
+        raise ReportError(f"{runs_dir}: expected the directory that holds your run directories, "
+                          f"found {found(runs_dir, directory=True)}")
     runs = [read_run(d) for d in find_run_dirs(runs_dir)]
     if not runs:
         from dser.paths import found

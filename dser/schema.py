@@ -119,7 +119,7 @@ class ShardIndex:
         if not path.is_file():
             from dser.paths import found
 
-            raise ShardError(f"{out}: expected a shard directory with {INDEX_NAME}, found {found(out)}; "
+            raise ShardError(f"{out}: expected a shard directory with {INDEX_NAME}, found {found(out, directory=True)}; "
                              f"make shards there with `dser shard`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -328,7 +328,7 @@ def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision
         if not (run_dir / "config.yaml").is_file():
             from dser.paths import found
 
-            raise RecipeError(f"--resume {run_dir}: expected a run directory with config.yaml, found {found(run_dir)}")
+            raise RecipeError(f"--resume {run_dir}: expected a run directory with config.yaml, found {found(run_dir, directory=True)}")
         where = run_dir / "config.yaml"
         try:
             meta = yaml.safe_load(where.read_text(encoding="utf-8"))
@@ -379,7 +379,7 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
             from dser.paths import found
 
             raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: expected a finished stage-1 run directory "
-                              f"(with export/), found {found(cfg.stage2.init_from)}; did its stage 1 finish?")
+                              f"(with export/), found {found(cfg.stage2.init_from, directory=True)}; did its stage 1 finish?")
         label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
         src = export_labels(init_export)
         if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:

@@ -154,7 +154,7 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         from dser.paths import found
 
-        raise CorpusError(f"{what}: expected a directory at {path}, found {found(path)}")
+        raise CorpusError(f"{what}: expected a directory at {path}, found {found(path, directory=True)}")
     return path
 
 

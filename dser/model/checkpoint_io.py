@@ -333,13 +333,16 @@ def export_model(
     return out
 
 
-def _read_json(path: Path, what: str) -> dict:
-    """``path`` parsed as a JSON object; anything else is a CheckpointError naming it."""
+def _read_json(path: Path, what: str, null: bool = False) -> dict | None:
+    """``path`` parsed as a JSON object (or ``null``, where ``null`` allows it); anything else
+    is a CheckpointError naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: the {what} cannot be read as JSON ({str(e).splitlines()[0]}); "
                               f"the export is damaged: export the run again") from None
+    if data is None and null:
+        return None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the {what} should be a JSON object, found a {type(data).__name__}; "
                               f"the export is damaged: export the run again")
@@ -376,12 +379,11 @@ def export_labels(out_dir: str | Path) -> dict | None:
     """
     meta = read_export(out_dir)
     path = Path(out_dir) / "labels.json"
-    if not path.is_file():
-        if meta["task"] != "dimensional":
-            raise CheckpointError(f"{path}: missing, and the {meta['task']} model needs its label set; "
-                                  f"the export is damaged: export the run again")
+    if not path.is_file():  # export_model always writes it (null without a label set)
+        raise CheckpointError(f"{path}: missing; the export is damaged: export the run again")
+    labels = _read_json(path, "label set", null=True)  # export_model writes null when it has no label set
+    if labels is None:
         return None
-    labels = _read_json(path, "label set")
     if not isinstance(labels.get("classes"), list):
         raise CheckpointError(f"{path}: no list of classes; the export is damaged: export the run again")
     return labels
