@@ -57,7 +57,8 @@ Resume: the consumer counts the batches it took in the current epoch; a loader m
 same batches (clips, crops, order) an uninterrupted loader would. Random crops draw from a
 generator seeded by (seed, epoch, utt_id), the shuffles by (seed, epoch, rank), so nothing
 depends on how far anybody skipped. ``BatchStream`` wraps this into an endless training
-iterator that tracks ``(epoch, batches_done)``.
+iterator that tracks ``(epoch, batches_done)``; ``TrainStream``, the recipe's, mixes a second
+(rehearsal) ``BatchStream`` into the first at a fixed share and never returns an empty batch.
 
 Usage::
 
@@ -67,6 +68,8 @@ Usage::
         batch["audio"]              # (B, T)
     stream = BatchStream(cfg)                          # endless, across epochs
     batch = next(iter(stream)); stream.state()         # {"epoch": 0, "batches_done": 1}
+    mixed = TrainStream(cfg, rehearsal_cfg, share=0.2, seed=0)
+    batch = mixed.next(); mixed.state_dict()           # both positions, for checkpoints
 """
 
 from __future__ import annotations
@@ -222,11 +225,13 @@ class ShardFile:
         path: absolute path of the ``.tar``.
         group: where it belongs, for messages: ``<shard dir>/<group>`` or the loose spec.
         samples: samples its index lists (None for a loose tar: no index).
+        index: the ``index.json`` that lists it (None for a loose tar).
     """
 
     path: str
     group: str
     samples: int | None
+    index: str | None = None
 
 
 _LOOSE_NOTED: set[str] = set()
@@ -257,7 +262,8 @@ def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
             if path.stat().st_size != s["bytes"]:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
                                 f"run `dser verify {index.out}`")
-            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"])))
+            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"]),
+                                   str((index.out / INDEX_NAME).resolve())))
     return files
 
 
@@ -844,7 +850,7 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
 
 
 class BatchStream:
-    """Endless training batches over epochs that knows where it is, for checkpoints.
+    """Endless batches of one loader config over epochs that knows where it is, for checkpoints.
 
     ``state()`` after taking a batch is ``{"epoch": e, "batches_done": n}``: n batches of
     epoch e consumed. ``BatchStream(cfg, **state)`` continues with the next one, as an
@@ -866,5 +872,78 @@ class BatchStream:
             if fresh and self.batches_done == 0:
                 rank, world = resolve_rank(self.cfg)
                 raise DataError(f"rank {rank} of {world} got no training clips from {self.cfg.shards} in "
-                                f"epoch {self.epoch}: check data.label_set, data.styles and data.require")
+                                f"epoch {self.epoch}: check data.label_set, data.styles and data.require, "
+                                f"and that there are more shards than ranks x data.num_workers")
             self.epoch, self.batches_done = self.epoch + 1, 0
+
+
+class TrainStream:
+    """The training recipe's batches: one ``BatchStream`` over the training groups and, with
+    rehearsal (stage 2), a second over source-domain groups mixed in.
+
+    Batch number ``n`` comes from the rehearsal stream with probability ``share``, drawn from a
+    generator seeded by ``(seed, n)`` (``source(n)``), so a resumed run makes the same choices
+    and the share does not depend on the data. A batch whose clips were all corrupt (``B = 0``)
+    is never returned: the next one is drawn from the same stream, and the corrupt clips'
+    descriptions travel in the returned batch's ``bad_samples``, which also collects them all
+    in ``self.bad_samples``.
+
+    ``state_dict()`` holds both positions, the batches drawn and the corrupt clips seen;
+    ``load_state_dict`` continues from there exactly as an uninterrupted stream would.
+
+    Usage::
+
+        stream = TrainStream(train_cfg, rehearsal_cfg, share=0.2, seed=cfg.seed)
+        batch = stream.next()
+        state = stream.state_dict()                        # into the checkpoint
+        TrainStream(train_cfg, rehearsal_cfg, 0.2, cfg.seed).load_state_dict(state)
+    """
+
+    def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None = None, share: float = 0.0,
+                 seed: int = 0):
+        self.cfgs = {"main": main, "rehearsal": rehearsal}
+        self.share, self.seed = share if rehearsal is not None else 0.0, seed
+        self.drawn = 0
+        self.bad_samples: list[str] = []
+        self.streams: dict[str, BatchStream] = {}
+        self.iters: dict[str, Iterator[dict]] = {}
+        self.load_state_dict({})
+
+    def source(self, n: int) -> str:
+        """Which stream batch number ``n`` (0-based) comes from: ``main`` or ``rehearsal``."""
+        if self.share <= 0:
+            return "main"
+        return "rehearsal" if np.random.default_rng([self.seed, 7919, n]).random() < self.share else "main"
+
+    def next(self) -> dict:
+        """The next non-empty batch (the batch dict above).
+
+        Raises:
+            DataError: this rank got no clip in a whole epoch of a stream.
+        """
+        which = self.source(self.drawn)
+        self.drawn += 1
+        bad: list[str] = []
+        while True:
+            if which not in self.iters:
+                self.iters[which] = iter(self.streams[which])
+            batch = next(self.iters[which])
+            bad.extend(batch["bad_samples"])
+            self.bad_samples.extend(batch["bad_samples"])
+            if batch["utt_id"]:
+                batch["bad_samples"] = bad
+                return batch
+
+    def state_dict(self) -> dict:
+        pos = {name: [s.epoch, s.batches_done] for name, s in self.streams.items()}
+        return {"pos": {"main": [0, 0], "rehearsal": [0, 0], **pos}, "drawn": self.drawn,
+                "bad_samples": list(self.bad_samples)}
+
+    def load_state_dict(self, state: dict) -> "TrainStream":
+        pos = state.get("pos", {})
+        self.streams = {name: BatchStream(cfg, *pos.get(name, (0, 0))) for name, cfg in self.cfgs.items()
+                        if cfg is not None}
+        self.iters = {}
+        self.drawn = int(state.get("drawn", 0))
+        self.bad_samples = list(state.get("bad_samples", []))
+        return self
