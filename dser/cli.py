@@ -209,6 +209,22 @@ def predict(run_dir, files, as_json, max_seconds):
         sys.exit(1)
 
 
+@main.command("run-status")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def run_status(run_dir):
+    """Say whether RUN_DIR finished: "finished", "stopped at TAG" (a checkpoint to resume from),
+    "started" (no checkpoint yet) or "none" (no run there). The Slurm scripts ask this;
+    RUN_DIR/finished.json, written last, is what decides."""
+    from dser.rundir import RunDir
+
+    run = RunDir(run_dir)
+    status = run.status()
+    note = run.note()
+    if note:
+        click.echo(note, err=True)
+    click.echo(status)
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 def verify(out):

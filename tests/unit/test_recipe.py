@@ -205,17 +205,87 @@ def test_train_state_round_trips(process_group, shards, tmp_path):
         second.cleanup()
 
 
-def test_run_trains_to_the_end_and_writes_metrics_and_export(process_group, shards, tmp_path):
+def test_run_trains_to_the_end_and_writes_metrics_export_and_finished_json_with_provenance(process_group, shards,
+                                                                                          tmp_path):
+    import hashlib
+    import json
+    import signal
+    from importlib import metadata
+
+    from dser.provenance import config_sha256
+    from dser.rundir import RunDir
+
     run = tmp_path / "run"
     recipe = make_recipe(process_group, ["--stage", "1", "--config", str(config_file(tmp_path, shards)),
                                          "--run-dir", str(run)])
     assert recipe.run() == 0
-    import json
-
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 6 and [h["step"] for h in m["valid_history"]] == [3, 6]
     assert set(m["eval"]) == {"valid"} and (run / "export" / "export.json").is_file()
     assert recipe.writer is None and recipe.bar is None  # cleanup closed them
-    import signal
-
     assert signal.getsignal(signal.SIGTERM) != recipe._on_signal  # handlers put back
+
+    # finished.json, last: the one marker; it and metrics.json carry the provenance
+    done = json.loads((run / "finished.json").read_text())
+    assert RunDir(run).status() == "finished" and done["stage"] == 1 and done["steps"] == 6
+    assert (run / "finished.json").stat().st_mtime_ns >= (run / "export" / "export.json").stat().st_mtime_ns
+    p = done["provenance"]
+    assert p == m["provenance"]
+    assert p["versions"]["torch"] == torch.__version__ and p["versions"]["deepspeed"] == metadata.version("deepspeed")
+    assert p["versions"]["transformers"] == metadata.version("transformers")
+    assert p["versions"]["peft"] == metadata.version("peft") and p["versions"]["dser"]
+    assert p["precision"] == "fp32" and "fp32" in p["precision_reason"] and p["ranks"] == 1 and p["device"]
+    assert p["config_sha256"] == config_sha256(m["config"]) != config_sha256({**m["config"], "seed": 1})
+    indexes = {str((shards / "target" / "index.json").resolve())}
+    assert set(p["shard_indexes"]) == indexes
+    assert all(h == hashlib.sha256(Path(f).read_bytes()).hexdigest() for f, h in p["shard_indexes"].items())
+    assert p["git_commit"] is None or len(p["git_commit"].removesuffix("+dirty")) == 40
+
+
+def test_a_crash_between_metrics_and_export_leaves_an_unfinished_run_that_resumes(process_group, shards, tmp_path,
+                                                                               monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from dser.cli import main
+    from dser.report import collect
+    from dser.rundir import RunDir
+
+    run = tmp_path / "runs" / "crashed"
+    argv = ["--stage", "1", "--config", str(config_file(tmp_path, shards)), "--run-dir", str(run)]
+    real_export = train.export_model
+
+    def crash(model, out, **kw):  # the export half written, then the process dies
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.yaml").write_text("stage: 1\n")
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(train, "export_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_recipe(process_group, argv).run()
+    assert (run / "metrics.json").is_file() and not (run / "finished.json").exists()
+    # (train.save_every is clamped to the run's 6 steps: its last checkpoint is the end)
+    assert RunDir(run).status() == "stopped at step00000006" and not RunDir(run).finished()
+
+    # nothing takes it for finished: run-status (the Slurm scripts), stage 2, predict, report
+    r = CliRunner().invoke(main, ["run-status", str(run)])
+    assert r.exit_code == 0 and r.output.strip() == "stopped at step00000006"
+    with pytest.raises(train.RecipeError, match="that stage-1 run stopped before its end"):
+        train.check_config(train.parse_args(["--stage", "2", "--init-from", str(run), "--config",
+                                             str(config_file(tmp_path, shards)), "--run-dir", str(tmp_path / "s2")]))
+    clip = tmp_path / "clip.wav"
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(clip, np.zeros(16000, dtype=np.float32), 16000)
+    r = CliRunner().invoke(main, ["predict", str(run), str(clip)])
+    assert r.exit_code == 1 and "that run stopped before its end" in r.output, r.output
+    (left,) = collect(tmp_path / "runs").left_out
+    assert "no finished.json" in left.reason and f"dser train --resume {run}" in left.reason
+
+    # --resume finishes it (from the checkpoint at its last step: evaluation and export only)
+    monkeypatch.setattr(train, "export_model", real_export)
+    assert make_recipe(process_group, ["--resume", str(run)]).run() == 0
+    assert RunDir(run).status() == "finished" and json.loads((run / "metrics.json").read_text())["steps"] == 6
+    assert CliRunner().invoke(main, ["run-status", str(run)]).output.strip() == "finished"
