@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dser import __version__
+from dser.labels import STYLES
 
 
 class UserError(click.ClickException):
@@ -84,7 +85,7 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--style", type=click.Choice(["acted", "natural"]), required=True)
+@click.option("--style", type=click.Choice(STYLES), required=True)
 @click.option("--utterances", default=800, show_default=True, help="Number of clips.")
 @click.option("--speakers", default=10, show_default=True, help="Number of speakers.")
 @click.option("--seed", default=0, show_default=True)
@@ -154,16 +155,21 @@ def demo(ranks, fresh, overrides):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--shards", "shards", multiple=True, required=True, help="Shard group(s) to evaluate (repeatable).")
+@click.option("--styles", "styles", multiple=True, type=click.Choice(STYLES),
+              help="Keep only clips of this style (repeatable; default: every style, as a run evaluates a test "
+                   "set without data.test_styles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--workers", default=1, show_default=True)
-def evaluate(run_dir, shards, as_json, workers):
-    """Evaluate a finished run's exported model on shard groups."""
+@click.option("--workers", type=int, default=None, help="Loader workers (default: the run's data.num_workers).")
+def evaluate(run_dir, shards, styles, as_json, workers):
+    """Evaluate a finished run's exported model on shard groups, batched as the run evaluated
+    (its data.eval_max_seconds, data.max_batch_seconds and buffers): a run's own test set, with
+    its data.test_styles as --styles, gives the run's numbers."""
     import json
 
     from dser.evaluate import evaluate_run, format_metrics
 
     try:
-        m = evaluate_run(run_dir, list(shards), num_workers=workers)
+        m = evaluate_run(run_dir, list(shards), styles=list(styles) or None, num_workers=workers)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from e
     click.echo(json.dumps(m, indent=2) if as_json else format_metrics(",".join(shards), m))

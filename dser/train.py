@@ -52,7 +52,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 
 from dser.config import ConfigError, from_dict, to_dict
 from dser.data import DataError, LoaderConfig, TrainStream, count_set, make_loader, resolve_shards
-from dser.evaluate import evaluate_shards, format_metrics, write_json
+from dser.evaluate import evaluate_loader, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.backbone import BackboneError, check_backbone
 from dser.model.build import build_model
@@ -61,11 +61,10 @@ from dser.model.checkpoint_io import (CheckpointError, export_labels, export_mod
 from dser.provenance import provenance
 from dser.rundir import RunDir, RunDirError
 from dser.precision import Precision, PrecisionError, check_device, decide_precision, detect_hardware, keep_precision
-from dser.runconfig import (RunConfig, check_schedule, deepspeed_config, ds_file_precision, recorded_precision,
-                            resolve_config)
+from dser.runconfig import (REQUIRE, RunConfig, check_schedule, deepspeed_config, ds_file_precision,
+                            final_eval_sets, loader_config, recorded_precision, resolve_config)
 from dser.safeload import UnsafeCheckpointError, check_checkpoint_dir, safe_load, use_safe_loads
 
-REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
 
 
 class RecipeError(Exception):
@@ -575,13 +574,9 @@ class Recipe:
         self.num_classes = self.label_set.num_classes if self.label_set else None
 
     def loader_cfg(self, shards: list[str], train: bool) -> LoaderConfig:
-        """The loader config of a training (random crops, shuffled) or evaluation set."""
-        d = self.cfg.data
-        return LoaderConfig(shards=list(shards), label_set=self.label_set, styles=d.styles,
-                            require=REQUIRE[self.cfg.task], train=train, seed=self.cfg.seed,
-                            max_seconds=d.max_seconds if train else d.eval_max_seconds,
-                            max_batch_seconds=d.max_batch_seconds, shuffle_buffer=d.shuffle_buffer,
-                            bucket_buffer=d.bucket_buffer, num_workers=d.num_workers)
+        """The loader config of a training (random crops, shuffled) or evaluation set, with
+        ``data.styles`` (``runconfig.loader_config``)."""
+        return loader_config(self.cfg, shards, train=train, label_set=self.label_set)
 
     def _setup_model(self) -> None:
         """Build; stage 2 loads its stage-1 export, adds fresh adaptors, freezes."""
@@ -727,18 +722,15 @@ class Recipe:
         return {"loss": value, "parts": {k: float(v.float().cpu()) for k, v in parts.items()} if value is not None
                 else {}, "skipped": skipped, "stop": bool(stop), "new_bad": int(new_bad)}
 
-    def evaluate(self, sets: dict[str, list[str]], styles: dict[str, list[str] | None] | None = None
-                 ) -> dict[str, dict]:
-        """Metrics of each named set of shard groups (every rank calls it; the model is put
-        back in training mode afterwards)."""
-        styles = styles or {}
+    def evaluate(self, sets: dict[str, tuple[list[str], list[str] | None]]) -> dict[str, dict]:
+        """Metrics of each named set: ``name -> (shard specs, style filter)``, batched by
+        ``runconfig.loader_config`` as ``dser evaluate`` batches (every rank calls it; the model
+        is put back in training mode afterwards)."""
         self.engine.eval()
         results = {}
-        for name, shards in sets.items():
-            results[name] = evaluate_shards(self.forward, shards, self.label_set, self.cfg.task,
-                                            styles=styles.get(name), max_seconds=self.cfg.data.eval_max_seconds,
-                                            max_batch_seconds=self.cfg.data.max_batch_seconds,
-                                            num_workers=self.cfg.data.num_workers, device=str(self.device),
+        for name, (shards, styles) in sets.items():
+            cfg = loader_config(self.cfg, shards, train=False, styles=styles, label_set=self.label_set)
+            results[name] = evaluate_loader(self.forward, cfg, self.cfg.task, device=str(self.device),
                                             dtype=self.dtype)
         self.engine.train()
         return results
@@ -821,7 +813,7 @@ class Recipe:
                 loss_sum, loss_n, parts_sum = 0.0, 0, {}
 
             if st.step % cfg.train.eval_every == 0 or st.step == cfg.optim.max_steps:
-                m = self.evaluate({"valid": cfg.data.valid}, {"valid": cfg.data.styles})["valid"]
+                m = self.evaluate({"valid": (cfg.data.valid, cfg.data.styles)})["valid"]
                 st.history.append({"step": st.step, **{k: v for k, v in m.items() if k != "confusion"}})
                 if self.writer is not None:
                     _log_metrics(self.writer, "valid", m, st.step)
@@ -872,8 +864,7 @@ class Recipe:
             self.bar.close()
             self.bar = None
         self._gathered(lambda: load_adaptors(self.model, self.run_dir / "best" / "adaptors.safetensors"), modify=True)
-        test_sets = dict(cfg.data.test) or {"valid": cfg.data.valid}
-        results = self.evaluate(test_sets, {"valid": cfg.data.styles, **cfg.data.test_styles})
+        results = self.evaluate(final_eval_sets(cfg))
         for name, m in results.items():
             rank0_print(format_metrics(name, m))
             if self.writer is not None:

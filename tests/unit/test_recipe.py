@@ -289,3 +289,29 @@ def test_a_crash_between_metrics_and_export_leaves_an_unfinished_run_that_resume
     assert make_recipe(process_group, ["--resume", str(run)]).run() == 0
     assert RunDir(run).status() == "finished" and json.loads((run / "metrics.json").read_text())["steps"] == 6
     assert CliRunner().invoke(main, ["run-status", str(run)]).output.strip() == "finished"
+
+
+def test_dser_evaluate_gives_the_numbers_of_the_runs_own_final_evaluation(process_group, shards, tmp_path):
+    """The run batches by data.max_batch_seconds=1.5 (48 is the default) and filters one test set
+    by style; dser evaluate reads both from the run (fp32 here: the same numbers)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dser.cli import main
+
+    test = str(shards / "target" / "valid")
+    run = tmp_path / "run"
+    cfg = config_file(tmp_path, shards, data={"test": {"all": [test], "acted_only": [test]},
+                                              "test_styles": {"acted_only": ["acted"]},
+                                              "max_batch_seconds": 1.5, "eval_max_seconds": 1.5})
+    assert make_recipe(process_group, ["--stage", "1", "--config", str(cfg), "--run-dir", str(run)]).run() == 0
+    want = json.loads((run / "metrics.json").read_text())["eval"]
+    assert want["acted_only"]["samples"] < want["all"]["samples"]
+    for name, styles in (("all", []), ("acted_only", ["--styles", "acted"])):
+        r = CliRunner().invoke(main, ["evaluate", str(run), "--shards", test, *styles, "--json"])
+        assert r.exit_code == 0, r.output
+        got = json.loads(r.output)
+        assert got.keys() == want[name].keys()
+        for k, v in want[name].items():
+            assert got[k] == (pytest.approx(v, abs=1e-6) if isinstance(v, float) else v), (name, k)
