@@ -96,17 +96,12 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dser.labels import ATTRIBUTES, STYLES, LabelSet, get_label_set
-from dser.schema import INDEX_NAME, ShardError, ShardIndex
+from dser.labels import STYLES, LabelSet, get_label_set
+from dser.schema import (ATTRIBUTES, IGNORE_INDEX, INDEX_NAME, LABEL_KEYS, ShardError, ShardIndex,
+                         duration_matches)
 
 log = logging.getLogger(__name__)
 
-LABEL_KEYS = ("emotion", "valence", "arousal", "dominance")  # in every shard JSON, null when unlabelled
-IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
-
-# A clip whose FLAC holds more or less audio than its JSON ``duration`` by over this much is
-# corrupt (batches are planned from ``duration``, so a wrong one could break the seconds cap).
-_DURATION_TOLERANCE_S = 0.02
 
 T = TypeVar("T")
 
@@ -780,7 +775,7 @@ class ShardStream(IterableDataset):
     def _load(self, clip: _Clip) -> dict:
         cfg = self.cfg
         pcm = decode_flac(clip.flac, cfg.sample_rate)
-        if abs(len(pcm) - clip.full) > _DURATION_TOLERANCE_S * cfg.sample_rate:
+        if not duration_matches(len(pcm), clip.full / cfg.sample_rate, cfg.sample_rate):
             raise ValueError(f"its JSON duration says {clip.full / cfg.sample_rate:.3f} s "
                              f"but the FLAC holds {len(pcm) / cfg.sample_rate:.3f} s")
         n = min(len(pcm), clip.length)

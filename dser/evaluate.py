@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dser.data import LoaderConfig, make_loader
 from dser.labels import LabelSet
 from dser.metrics import PredictionAccumulator, compute_metrics, gather_predictions
+from dser.schema import IGNORE_INDEX
 
 
 def _distributed() -> bool:
@@ -34,7 +35,7 @@ def _distributed() -> bool:
 def _dummy_batch(sample_rate: int = 16000) -> dict:
     audio = torch.zeros(1, sample_rate)  # (1, T): one second of silence
     return {"audio": audio, "attention_mask": torch.ones(1, sample_rate, dtype=torch.bool),
-            "lengths": torch.tensor([sample_rate]), "emotion": torch.tensor([-100]),
+            "lengths": torch.tensor([sample_rate]), "emotion": torch.tensor([IGNORE_INDEX]),
             "attributes": torch.full((1, 3), float("nan")), "utt_id": []}
 
 
