@@ -39,7 +39,9 @@ def main():
 @click.argument("corpus")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.argument("out", required=False, type=click.Path(path_type=Path))
-@click.option("--sample-rate", default=16000, show_default=True, help="Output sample rate (Hz).")
+@click.option("--sample-rate", default=16000, show_default=True, type=int,
+              help="Output sample rate (Hz): 8000, 16000, 22050, 24000, 32000, 44100 or 48000; training resamples "
+                   "to the backbones' 16 kHz.")
 @click.option("--max-shard-mb", default=256.0, show_default=True, help="Start a new shard past this size.")
 @click.option("--max-shard-samples", default=None, type=int, help="Start a new shard past this many samples.")
 @click.option("--min-duration", default=0.25, show_default=True, help="Skip clips shorter than this (s).")

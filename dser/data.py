@@ -91,6 +91,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 import torch.distributed as dist
 import webdataset as wds
@@ -150,7 +151,9 @@ class LoaderConfig:
             are used, the damage is reported in ``bad_samples``) instead of failing; None:
             in training only (a test set read in part would give wrong metrics).
         train: training (shuffle, random crops) or evaluation (fixed order, every clip once).
-        sample_rate: the shards' sample rate; a clip at another rate is corrupt.
+        sample_rate: the rate batches come at (the backbones' 16 kHz). Shards stored at another
+            rate (their index says) are resampled to it with soxr; a loose tar's clips must be at
+            this rate.
         rank, world_size: this process's rank and the number of ranks; None takes them from
             ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
     """
@@ -221,12 +224,15 @@ class ShardFile:
         group: where it belongs, for messages: ``<shard dir>/<group>`` or the loose spec.
         samples: samples its index lists (None for a loose tar: no index).
         index: the ``index.json`` that lists it (None for a loose tar).
+        sample_rate: the rate its audio is stored at, from the index (None for a loose tar: it
+            must be the loader's ``sample_rate``).
     """
 
     path: str
     group: str
     samples: int | None
     index: str | None = None
+    sample_rate: int | None = None
 
 
 _LOOSE_NOTED: set[str] = set()
@@ -258,7 +264,7 @@ def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
                                 f"run `dser verify {index.out}`")
             files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"]),
-                                   str((index.out / INDEX_NAME).resolve())))
+                                   str((index.out / INDEX_NAME).resolve()), index.sample_rate))
     return files
 
 
@@ -452,7 +458,9 @@ class _Clip:
     utt_id: str
     flac: bytes
     url: str
-    full: int  # samples in the stored audio, from the JSON duration
+    rate: int  # the stored audio's sample rate (its shard's index), decoded then resampled to the loader's
+    duration: float  # seconds of stored audio, from the JSON
+    full: int  # samples it has at the loader's rate, from the JSON duration
     length: int  # samples it will have in the batch (after cutting to max_seconds)
     emotion: int
     attributes: tuple[float, float, float]
@@ -567,8 +575,9 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 class _Planner:
     """Turns raw tar samples into clips (JSON only) and filters them; notes corrupt ones."""
 
-    def __init__(self, cfg: LoaderConfig):
+    def __init__(self, cfg: LoaderConfig, rates: dict[str, int | None] | None = None):
         self.cfg = cfg
+        self.rates = rates or {}  # shard url → its stored rate (None or absent: the loader's)
         self.max_samples = None if cfg.max_seconds is None else int(round(cfg.max_seconds * cfg.sample_rate))
         self.styles = set(cfg.styles) if cfg.styles else None
         self.bad: list[str] = []
@@ -623,7 +632,7 @@ class _Planner:
                 continue
             full = int(round(duration * cfg.sample_rate))
             length = full if self.max_samples is None else min(full, self.max_samples)
-            yield _Clip(utt_id, s["flac"], url, full, length,
+            yield _Clip(utt_id, s["flac"], url, self.rates.get(url) or cfg.sample_rate, duration, full, length,
                         IGNORE_INDEX if emotion is None else emotion, attributes)
 
 
@@ -733,7 +742,7 @@ class ShardStream(IterableDataset):
         if self.rank >= len(urls):
             return
         # Node splitting only: workers split the plan's batches below, not the shards.
-        planner = _Planner(cfg)
+        planner = _Planner(cfg, {url: f.sample_rate for url, f in self.listed.items()})
         skip_damage = cfg.train if cfg.skip_damaged_shards is None else cfg.skip_damaged_shards
         source = wds.WebDataset(urls, shardshuffle=False,
                                 handler=planner.shard_damaged if skip_damage else _shard_error,
@@ -774,10 +783,12 @@ class ShardStream(IterableDataset):
 
     def _load(self, clip: _Clip) -> dict:
         cfg = self.cfg
-        pcm = decode_flac(clip.flac, cfg.sample_rate)
-        if not duration_matches(len(pcm), clip.full / cfg.sample_rate, cfg.sample_rate):
-            raise ValueError(f"its JSON duration says {clip.full / cfg.sample_rate:.3f} s "
-                             f"but the FLAC holds {len(pcm) / cfg.sample_rate:.3f} s")
+        pcm = decode_flac(clip.flac, clip.rate)
+        if not duration_matches(len(pcm), clip.duration, clip.rate):
+            raise ValueError(f"its JSON duration says {clip.duration:.3f} s "
+                             f"but the FLAC holds {len(pcm) / clip.rate:.3f} s")
+        if clip.rate != cfg.sample_rate:  # shards at another rate: to the backbone's, as the sharder resamples
+            pcm = soxr.resample(pcm.astype(np.float32) / 32768, clip.rate, cfg.sample_rate, quality="HQ")
         n = min(len(pcm), clip.length)
         start = 0
         if cfg.train and len(pcm) > n:

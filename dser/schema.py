@@ -53,6 +53,9 @@ TABLE_FIELDS = ("utt_id", "key", "speaker", "emotion", "style", "attributes", "d
 # length in seconds; the sharder adds it to the reader's ``Record.labels()``.
 SAMPLE_FIELDS = ("utt_id", "corpus", "group", "speaker", "gender", "emotion", "emotion_raw", *ATTRIBUTES,
                  "duration", "style")
+# The rates ``dser shard --sample-rate`` writes; the loader resamples any of them to the
+# backbones' 16 kHz (soxr).
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 LABEL_KEYS = ("emotion", *ATTRIBUTES)  # what a loader needs of every sample JSON
 IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
 # A sample whose FLAC holds more or less audio than its JSON ``duration`` says by more than this

@@ -568,3 +568,25 @@ def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path,
     (line,) = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
     assert line.startswith(f"{tmp_path}/fold0: epoch 0 read 6 of the 10 samples its index lists (0 unreadable")
     assert "4 never seen" in line
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_shards_at_another_rate_are_resampled_to_the_loaders(tmp_path, rate):
+    import soxr
+
+    records = write_test_shards(tmp_path, 12, 2, sample_rate=rate, durations=(0.3, 1.0))
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, num_workers=0)
+    batches = read_all(cfg)
+    want = {r["utt_id"]: soxr.resample(r["audio"].astype(np.float32) / 32768, rate, SR, quality="HQ")
+            for r in records}
+    got = {}
+    for b in batches:
+        assert not b["bad_samples"]
+        for i, u in enumerate(b["utt_id"]):
+            got[u] = b["audio"][i, :int(b["lengths"][i])].numpy()
+    assert got.keys() == want.keys()
+    for u, x in got.items():
+        assert abs(len(x) - len(want[u])) <= 1 and abs(len(x) - round(by_utt(records)[u]["duration"] * SR)) <= 1
+        n = min(len(x), len(want[u]))
+        np.testing.assert_allclose(x[:n], want[u][:n], atol=1e-6)
+    assert sum(b["duration_s"] for b in batches) == pytest.approx(sum(r["duration"] for r in records), abs=1e-3)

@@ -315,3 +315,24 @@ def test_dser_evaluate_gives_the_numbers_of_the_runs_own_final_evaluation(proces
         assert got.keys() == want[name].keys()
         for k, v in want[name].items():
             assert got[k] == (pytest.approx(v, abs=1e-6) if isinstance(v, float) else v), (name, k)
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_shards_at_8_and_48_khz_train(process_group, tmp_path, rate):
+    """dser shard --sample-rate 8000 wrote shards the loader called corrupt; now the loader
+    resamples them (the index says their rate) to the backbone's 16 kHz."""
+    import json
+
+    root = tmp_path / "shards"
+    write_test_shards(root / "target", 16, 2, group="train", seed=1, durations=(0.4, 1.0), sample_rate=rate)
+    write_test_shards(root / "target", 8, 1, group="valid", seed=2, prefix="v-", durations=(0.4, 1.0),
+                      sample_rate=rate)
+    run = tmp_path / "run"
+    recipe = make_recipe(process_group, ["--stage", "1", "--config", str(config_file(tmp_path, root)),
+                                         "--run-dir", str(run)])
+    assert recipe.run() == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["bad_samples"]["count"] == 0 and m["eval"]["valid"]["samples"] > 0
+    batch = recipe.stream.next()
+    assert batch["duration_s"] == pytest.approx(float(batch["lengths"].sum()) / 16000)
+    assert int(batch["lengths"].max()) <= 16000  # data.max_seconds=1.0 at 16 kHz
