@@ -147,11 +147,14 @@ def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_po
 @click.option("--ranks", default=2, show_default=True, help="CPU ranks (or GPUs) for the DeepSpeed launcher.")
 @click.option("--fresh", is_flag=True, help="Regenerate the demo corpora and shards.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of both demo configs.")
-def demo(ranks, fresh, overrides):
+@click.option("--utterances", type=click.IntRange(min=40), default=None,
+              help="Clips per demo corpus when they are made (the first time, or with --fresh); default 800, "
+                   "at least 40 (4 emotions x 10 speakers). Fewer: a quicker, noisier demo.")
+def demo(ranks, fresh, overrides, utterances):
     """The main job: synthesize + shard the demo corpora, stage 1 (acted) then stage 2 (natural)."""
     from dser.demo import run_demo
 
-    sys.exit(run_demo(ranks=ranks, fresh=fresh, overrides=list(overrides)))
+    sys.exit(run_demo(ranks=ranks, fresh=fresh, overrides=list(overrides), utterances=utterances))
 
 
 @main.command()

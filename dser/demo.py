@@ -61,9 +61,16 @@ def _latest_metrics(runs_dir: Path, name: str) -> dict:
     return json.loads(runs[-1].read_text())
 
 
-def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = ()) -> int:
-    """The whole demo; returns a process exit status."""
-    prepare_demo_shards(fresh=fresh)
+def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = (), utterances: int | None = None) -> int:
+    """The whole demo; returns a process exit status.
+
+    Args:
+        ranks: CPU ranks (or GPUs) for the DeepSpeed launcher.
+        fresh: regenerate the demo corpora and shards.
+        overrides: ``KEY=VALUE`` overrides of both stage configs.
+        utterances: clips per corpus when they are made (default: ``DEMO_SIZES``').
+    """
+    prepare_demo_shards(fresh=fresh, utterances=utterances)
     sets = [f"--set={o}" for o in overrides]
     for stage in (1, 2):
         rc = launch_training(["--stage", str(stage), "--config", str(default_config_path(stage)), *sets],

@@ -32,6 +32,8 @@ import yaml
 
 from dser.config import ConfigLoader
 
+# The directory holding the dser package: a checkout, or site-packages for an installed dser.
+# Both hold dser/configs/, which the shipped grid names as dser/configs/demo_stage1.yaml.
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 # Corpus names, group names and the grid name become directory, job and run names; the rule

@@ -2,7 +2,8 @@
 
 Users need not remember the launcher's flags: this picks a free master port, the number of
 ranks (GPUs, or ``--ranks`` CPU processes), one OpenMP thread per core per rank on CPU, and
-runs ``deepspeed [--num_accelerators N] --master_port P dser/train.py ARGS``.
+runs ``deepspeed [--num_accelerators N] --master_port P dser/train.py ARGS`` (the train.py of
+the dser that runs this, checkout or installed).
 
 Usage::
 
@@ -12,7 +13,6 @@ Usage::
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+# The recipe beside this module, in a checkout or an installed package alike: launched as a file,
+# not `--module dser.train`, whose ranks would import a `dser/` in their working directory first.
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
@@ -33,12 +35,16 @@ def free_port() -> int:
 
 
 def deepspeed_executable() -> list[str]:
-    """The launcher next to this Python (a venv's ``bin/deepspeed``), else the module form."""
+    """The launcher next to this Python (a venv's ``bin/deepspeed``), else the module form.
+
+    Never a ``deepspeed`` found elsewhere on PATH: it may belong to another environment, whose
+    Python would run the ranks with another dser (the launcher starts them with its own
+    interpreter).
+    """
     exe = Path(sys.executable).with_name("deepspeed")
     if exe.is_file():
         return [str(exe)]
-    found = shutil.which("deepspeed")
-    return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def launch_command(train_args: list[str], ranks: int | None = None, master_port: int | None = None,

@@ -34,7 +34,9 @@ from dser.precision import PRECISIONS, Precision
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = PACKAGE_DIR / "configs"
-DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+# Package data (pyproject.toml): in a checkout dser/ds_configs links to the top-level ds_configs/
+# that users name, so resolve it to that one copy; in an installed dser it is a real directory.
+DS_CONFIGS_DIR = (PACKAGE_DIR / "ds_configs").resolve()
 
 
 @dataclass

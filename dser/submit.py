@@ -41,8 +41,10 @@ from pathlib import Path
 from dser.grid import Grid, GridError, config_path, load_grid, run_overrides  # noqa: F401  (re-exported too)
 from dser.runconfig import resolve_config
 
-CHECKOUT = Path(__file__).resolve().parent.parent
-SLURM_DIR = CHECKOUT / "slurm"
+CHECKOUT = Path(__file__).resolve().parent.parent  # holds dser/: a checkout, or site-packages
+# Package data (pyproject.toml): in a checkout dser/slurm links to the top-level slurm/, so resolve
+# it to the scripts users submit (and slurm/cross_corpus.sh names); installed, a real directory.
+SLURM_DIR = (Path(__file__).resolve().parent / "slurm").resolve()
 
 
 class SubmitError(RuntimeError):
@@ -141,6 +143,13 @@ def _key(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_") for p in parts)
 
 
+def default_logs_dir(scripts_dir: Path) -> Path:
+    """A checkout's ``slurm/logs`` (in the repository), else ``slurm/logs`` in the working
+    directory: an installed dser's scripts live in site-packages, no place for logs."""
+    logs = Path(scripts_dir) / "logs"
+    return logs if logs.is_dir() else Path("slurm/logs")
+
+
 def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: Grid | None = None,
               resources: Resources | None = None, overrides: list[str] = (), runs_dir: Path | None = None,
               name: str | None = None, shards_dir: Path | None = None, scripts_dir: Path = SLURM_DIR,
@@ -164,8 +173,8 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
             name, else ``runs_dir/<config name>-<time>`` per stage).
         shards_dir: where grid corpora are sharded (default ``$SHARDS_DIR`` or ``shards``).
         scripts_dir: the slurm/ directory with the scripts.
-        logs_dir: where Slurm logs go (default ``$LOGS_DIR``, else ``scripts_dir/logs``, as
-            in slurm/env.sh).
+        logs_dir: where Slurm logs go (default ``$LOGS_DIR``, else a checkout's
+            ``scripts_dir/logs``, else ``slurm/logs`` here; as in slurm/env.sh).
         stamp: the time stamp in run names (default: now).
 
     Raises:
@@ -173,7 +182,7 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
     """
     resources = resources or Resources()
     scripts_dir = Path(scripts_dir)
-    logs_dir = Path(logs_dir or os.environ.get("LOGS_DIR") or scripts_dir / "logs")
+    logs_dir = Path(logs_dir or os.environ.get("LOGS_DIR") or default_logs_dir(scripts_dir))
     stamp = stamp or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     overrides = list(overrides)
     if grid is not None:

@@ -64,7 +64,7 @@ dser_train_job() {
   # Slurm 22.05's srun does not inherit --cpus-per-task from sbatch: pass it on.
   srun --kill-on-bad-exit=1 --ntasks="$tasks" --cpus-per-task="$cpus" \
     bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
-    "$PY" -u "$DSER_HOME/dser/train.py" "${args[@]}"
+    "$PY" -u "$DSER_TRAIN" "${args[@]}"
   local rc=$?
   case $rc in
     0)
