@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dser import __version__
+from dser.labels import STYLES
 
 
 class UserError(click.ClickException):
@@ -38,7 +39,9 @@ def main():
 @click.argument("corpus")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.argument("out", required=False, type=click.Path(path_type=Path))
-@click.option("--sample-rate", default=16000, show_default=True, help="Output sample rate (Hz).")
+@click.option("--sample-rate", default=16000, show_default=True, type=int,
+              help="Output sample rate (Hz): 8000, 16000, 22050, 24000, 32000, 44100 or 48000; training resamples "
+                   "to the backbones' 16 kHz.")
 @click.option("--max-shard-mb", default=256.0, show_default=True, help="Start a new shard past this size.")
 @click.option("--max-shard-samples", default=None, type=int, help="Start a new shard past this many samples.")
 @click.option("--min-duration", default=0.25, show_default=True, help="Skip clips shorter than this (s).")
@@ -84,7 +87,7 @@ def shard(corpus, root, out, sample_rate, max_shard_mb, max_shard_samples, min_d
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--style", type=click.Choice(["acted", "natural"]), required=True)
+@click.option("--style", type=click.Choice(STYLES), required=True)
 @click.option("--utterances", default=800, show_default=True, help="Number of clips.")
 @click.option("--speakers", default=10, show_default=True, help="Number of speakers.")
 @click.option("--seed", default=0, show_default=True)
@@ -154,16 +157,21 @@ def demo(ranks, fresh, overrides):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--shards", "shards", multiple=True, required=True, help="Shard group(s) to evaluate (repeatable).")
+@click.option("--styles", "styles", multiple=True, type=click.Choice(STYLES),
+              help="Keep only clips of this style (repeatable; default: every style, as a run evaluates a test "
+                   "set without data.test_styles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--workers", default=1, show_default=True)
-def evaluate(run_dir, shards, as_json, workers):
-    """Evaluate a finished run's exported model on shard groups."""
+@click.option("--workers", type=int, default=None, help="Loader workers (default: the run's data.num_workers).")
+def evaluate(run_dir, shards, styles, as_json, workers):
+    """Evaluate a finished run's exported model on shard groups, batched as the run evaluated
+    (its data.eval_max_seconds, data.max_batch_seconds and buffers): a run's own test set, with
+    its data.test_styles as --styles, gives the run's numbers."""
     import json
 
     from dser.evaluate import evaluate_run, format_metrics
 
     try:
-        m = evaluate_run(run_dir, list(shards), num_workers=workers)
+        m = evaluate_run(run_dir, list(shards), styles=list(styles) or None, num_workers=workers)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from e
     click.echo(json.dumps(m, indent=2) if as_json else format_metrics(",".join(shards), m))
@@ -207,6 +215,22 @@ def predict(run_dir, files, as_json, max_seconds):
     if failed:
         click.echo(f"Error: {failed} of {len(results)} file(s) could not be predicted", err=True)
         sys.exit(1)
+
+
+@main.command("run-status")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def run_status(run_dir):
+    """Say whether RUN_DIR finished: "finished", "stopped at TAG" (a checkpoint to resume from),
+    "started" (no checkpoint yet) or "none" (no run there). The Slurm scripts ask this;
+    RUN_DIR/finished.json, written last, is what decides."""
+    from dser.rundir import RunDir
+
+    run = RunDir(run_dir)
+    status = run.status()
+    note = run.note()
+    if note:
+        click.echo(note, err=True)
+    click.echo(status)
 
 
 @main.command()

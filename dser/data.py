@@ -57,7 +57,8 @@ Resume: the consumer counts the batches it took in the current epoch; a loader m
 same batches (clips, crops, order) an uninterrupted loader would. Random crops draw from a
 generator seeded by (seed, epoch, utt_id), the shuffles by (seed, epoch, rank), so nothing
 depends on how far anybody skipped. ``BatchStream`` wraps this into an endless training
-iterator that tracks ``(epoch, batches_done)``.
+iterator that tracks ``(epoch, batches_done)``; ``TrainStream``, the recipe's, mixes a second
+(rehearsal) ``BatchStream`` into the first at a fixed share and never returns an empty batch.
 
 Usage::
 
@@ -67,6 +68,8 @@ Usage::
         batch["audio"]              # (B, T)
     stream = BatchStream(cfg)                          # endless, across epochs
     batch = next(iter(stream)); stream.state()         # {"epoch": 0, "batches_done": 1}
+    mixed = TrainStream(cfg, rehearsal_cfg, share=0.2, seed=0)
+    batch = mixed.next(); mixed.state_dict()           # both positions, for checkpoints
 """
 
 from __future__ import annotations
@@ -88,22 +91,18 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dser.labels import ATTRIBUTES, STYLES, LabelSet, get_label_set
-from dser.schema import INDEX_NAME, ShardError, ShardIndex
+from dser.labels import STYLES, LabelSet, get_label_set
+from dser.schema import (ATTRIBUTES, IGNORE_INDEX, INDEX_NAME, LABEL_KEYS, ShardError, ShardIndex,
+                         duration_matches)
 
 log = logging.getLogger(__name__)
 
-LABEL_KEYS = ("emotion", "valence", "arousal", "dominance")  # in every shard JSON, null when unlabelled
-IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
-
-# A clip whose FLAC holds more or less audio than its JSON ``duration`` by over this much is
-# corrupt (batches are planned from ``duration``, so a wrong one could break the seconds cap).
-_DURATION_TOLERANCE_S = 0.02
 
 T = TypeVar("T")
 
@@ -152,7 +151,9 @@ class LoaderConfig:
             are used, the damage is reported in ``bad_samples``) instead of failing; None:
             in training only (a test set read in part would give wrong metrics).
         train: training (shuffle, random crops) or evaluation (fixed order, every clip once).
-        sample_rate: the shards' sample rate; a clip at another rate is corrupt.
+        sample_rate: the rate batches come at (the backbones' 16 kHz). Shards stored at another
+            rate (their index says) are resampled to it with soxr; a loose tar's clips must be at
+            this rate.
         rank, world_size: this process's rank and the number of ranks; None takes them from
             ``torch.distributed`` or ``RANK``/``WORLD_SIZE``.
     """
@@ -222,11 +223,16 @@ class ShardFile:
         path: absolute path of the ``.tar``.
         group: where it belongs, for messages: ``<shard dir>/<group>`` or the loose spec.
         samples: samples its index lists (None for a loose tar: no index).
+        index: the ``index.json`` that lists it (None for a loose tar).
+        sample_rate: the rate its audio is stored at, from the index (None for a loose tar: it
+            must be the loader's ``sample_rate``).
     """
 
     path: str
     group: str
     samples: int | None
+    index: str | None = None
+    sample_rate: int | None = None
 
 
 _LOOSE_NOTED: set[str] = set()
@@ -257,7 +263,8 @@ def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
             if path.stat().st_size != s["bytes"]:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
                                 f"run `dser verify {index.out}`")
-            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"])))
+            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"]),
+                                   str((index.out / INDEX_NAME).resolve()), index.sample_rate))
     return files
 
 
@@ -451,7 +458,9 @@ class _Clip:
     utt_id: str
     flac: bytes
     url: str
-    full: int  # samples in the stored audio, from the JSON duration
+    rate: int  # the stored audio's sample rate (its shard's index), decoded then resampled to the loader's
+    duration: float  # seconds of stored audio, from the JSON
+    full: int  # samples it has at the loader's rate, from the JSON duration
     length: int  # samples it will have in the batch (after cutting to max_seconds)
     emotion: int
     attributes: tuple[float, float, float]
@@ -566,8 +575,9 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 class _Planner:
     """Turns raw tar samples into clips (JSON only) and filters them; notes corrupt ones."""
 
-    def __init__(self, cfg: LoaderConfig):
+    def __init__(self, cfg: LoaderConfig, rates: dict[str, int | None] | None = None):
         self.cfg = cfg
+        self.rates = rates or {}  # shard url → its stored rate (None or absent: the loader's)
         self.max_samples = None if cfg.max_seconds is None else int(round(cfg.max_seconds * cfg.sample_rate))
         self.styles = set(cfg.styles) if cfg.styles else None
         self.bad: list[str] = []
@@ -622,7 +632,7 @@ class _Planner:
                 continue
             full = int(round(duration * cfg.sample_rate))
             length = full if self.max_samples is None else min(full, self.max_samples)
-            yield _Clip(utt_id, s["flac"], url, full, length,
+            yield _Clip(utt_id, s["flac"], url, self.rates.get(url) or cfg.sample_rate, duration, full, length,
                         IGNORE_INDEX if emotion is None else emotion, attributes)
 
 
@@ -732,7 +742,7 @@ class ShardStream(IterableDataset):
         if self.rank >= len(urls):
             return
         # Node splitting only: workers split the plan's batches below, not the shards.
-        planner = _Planner(cfg)
+        planner = _Planner(cfg, {url: f.sample_rate for url, f in self.listed.items()})
         skip_damage = cfg.train if cfg.skip_damaged_shards is None else cfg.skip_damaged_shards
         source = wds.WebDataset(urls, shardshuffle=False,
                                 handler=planner.shard_damaged if skip_damage else _shard_error,
@@ -773,10 +783,12 @@ class ShardStream(IterableDataset):
 
     def _load(self, clip: _Clip) -> dict:
         cfg = self.cfg
-        pcm = decode_flac(clip.flac, cfg.sample_rate)
-        if abs(len(pcm) - clip.full) > _DURATION_TOLERANCE_S * cfg.sample_rate:
-            raise ValueError(f"its JSON duration says {clip.full / cfg.sample_rate:.3f} s "
-                             f"but the FLAC holds {len(pcm) / cfg.sample_rate:.3f} s")
+        pcm = decode_flac(clip.flac, clip.rate)
+        if not duration_matches(len(pcm), clip.duration, clip.rate):
+            raise ValueError(f"its JSON duration says {clip.duration:.3f} s "
+                             f"but the FLAC holds {len(pcm) / clip.rate:.3f} s")
+        if clip.rate != cfg.sample_rate:  # shards at another rate: to the backbone's, as the sharder resamples
+            pcm = soxr.resample(pcm.astype(np.float32) / 32768, clip.rate, cfg.sample_rate, quality="HQ")
         n = min(len(pcm), clip.length)
         start = 0
         if cfg.train and len(pcm) > n:
@@ -844,7 +856,7 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
 
 
 class BatchStream:
-    """Endless training batches over epochs that knows where it is, for checkpoints.
+    """Endless batches of one loader config over epochs that knows where it is, for checkpoints.
 
     ``state()`` after taking a batch is ``{"epoch": e, "batches_done": n}``: n batches of
     epoch e consumed. ``BatchStream(cfg, **state)`` continues with the next one, as an
@@ -866,5 +878,78 @@ class BatchStream:
             if fresh and self.batches_done == 0:
                 rank, world = resolve_rank(self.cfg)
                 raise DataError(f"rank {rank} of {world} got no training clips from {self.cfg.shards} in "
-                                f"epoch {self.epoch}: check data.label_set, data.styles and data.require")
+                                f"epoch {self.epoch}: check data.label_set, data.styles and data.require, "
+                                f"and that there are more shards than ranks x data.num_workers")
             self.epoch, self.batches_done = self.epoch + 1, 0
+
+
+class TrainStream:
+    """The training recipe's batches: one ``BatchStream`` over the training groups and, with
+    rehearsal (stage 2), a second over source-domain groups mixed in.
+
+    Batch number ``n`` comes from the rehearsal stream with probability ``share``, drawn from a
+    generator seeded by ``(seed, n)`` (``source(n)``), so a resumed run makes the same choices
+    and the share does not depend on the data. A batch whose clips were all corrupt (``B = 0``)
+    is never returned: the next one is drawn from the same stream, and the corrupt clips'
+    descriptions travel in the returned batch's ``bad_samples``, which also collects them all
+    in ``self.bad_samples``.
+
+    ``state_dict()`` holds both positions, the batches drawn and the corrupt clips seen;
+    ``load_state_dict`` continues from there exactly as an uninterrupted stream would.
+
+    Usage::
+
+        stream = TrainStream(train_cfg, rehearsal_cfg, share=0.2, seed=cfg.seed)
+        batch = stream.next()
+        state = stream.state_dict()                        # into the checkpoint
+        TrainStream(train_cfg, rehearsal_cfg, 0.2, cfg.seed).load_state_dict(state)
+    """
+
+    def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None = None, share: float = 0.0,
+                 seed: int = 0):
+        self.cfgs = {"main": main, "rehearsal": rehearsal}
+        self.share, self.seed = share if rehearsal is not None else 0.0, seed
+        self.drawn = 0
+        self.bad_samples: list[str] = []
+        self.streams: dict[str, BatchStream] = {}
+        self.iters: dict[str, Iterator[dict]] = {}
+        self.load_state_dict({})
+
+    def source(self, n: int) -> str:
+        """Which stream batch number ``n`` (0-based) comes from: ``main`` or ``rehearsal``."""
+        if self.share <= 0:
+            return "main"
+        return "rehearsal" if np.random.default_rng([self.seed, 7919, n]).random() < self.share else "main"
+
+    def next(self) -> dict:
+        """The next non-empty batch (the batch dict above).
+
+        Raises:
+            DataError: this rank got no clip in a whole epoch of a stream.
+        """
+        which = self.source(self.drawn)
+        self.drawn += 1
+        bad: list[str] = []
+        while True:
+            if which not in self.iters:
+                self.iters[which] = iter(self.streams[which])
+            batch = next(self.iters[which])
+            bad.extend(batch["bad_samples"])
+            self.bad_samples.extend(batch["bad_samples"])
+            if batch["utt_id"]:
+                batch["bad_samples"] = bad
+                return batch
+
+    def state_dict(self) -> dict:
+        pos = {name: [s.epoch, s.batches_done] for name, s in self.streams.items()}
+        return {"pos": {"main": [0, 0], "rehearsal": [0, 0], **pos}, "drawn": self.drawn,
+                "bad_samples": list(self.bad_samples)}
+
+    def load_state_dict(self, state: dict) -> "TrainStream":
+        pos = state.get("pos", {})
+        self.streams = {name: BatchStream(cfg, *pos.get(name, (0, 0))) for name, cfg in self.cfgs.items()
+                        if cfg is not None}
+        self.iters = {}
+        self.drawn = int(state.get("drawn", 0))
+        self.bad_samples = list(state.get("bad_samples", []))
+        return self

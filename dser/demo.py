@@ -52,9 +52,12 @@ def prepare_demo_shards(data_dir: Path = Path("data/demo"), shards_dir: Path = P
 
 
 def _latest_metrics(runs_dir: Path, name: str) -> dict:
-    runs = sorted(runs_dir.glob(f"{name}-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    from dser.rundir import RunDir
+
+    runs = sorted((p for p in runs_dir.glob(f"{name}-*/metrics.json") if RunDir(p.parent).finished()),
+                  key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise RuntimeError(f"no metrics.json for {name} under {runs_dir}")
+        raise RuntimeError(f"no finished run {name}-* under {runs_dir}")
     return json.loads(runs[-1].read_text())
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dser.data import LoaderConfig, make_loader
 from dser.labels import LabelSet
 from dser.metrics import PredictionAccumulator, compute_metrics, gather_predictions
+from dser.schema import IGNORE_INDEX
 
 
 def _distributed() -> bool:
@@ -34,38 +35,29 @@ def _distributed() -> bool:
 def _dummy_batch(sample_rate: int = 16000) -> dict:
     audio = torch.zeros(1, sample_rate)  # (1, T): one second of silence
     return {"audio": audio, "attention_mask": torch.ones(1, sample_rate, dtype=torch.bool),
-            "lengths": torch.tensor([sample_rate]), "emotion": torch.tensor([-100]),
+            "lengths": torch.tensor([sample_rate]), "emotion": torch.tensor([IGNORE_INDEX]),
             "attributes": torch.full((1, 3), float("nan")), "utt_id": []}
 
 
 @torch.no_grad()
-def evaluate_shards(forward: Callable[[torch.Tensor, torch.Tensor], dict], shards: list[str],
-                    label_set: LabelSet | None, task: str, *, max_seconds: float = 30.0,
-                    max_batch_seconds: float = 64.0, num_workers: int = 1, device: str = "cpu",
-                    styles: list[str] | None = None,
-                    dtype: torch.dtype = torch.float32, return_predictions: bool = False) -> dict:
-    """Evaluate a model over shard groups (call on every rank).
+def evaluate_loader(forward: Callable[[torch.Tensor, torch.Tensor], dict], cfg: LoaderConfig, task: str, *,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    return_predictions: bool = False) -> dict:
+    """Evaluate a model over the clips of an evaluation loader config (call on every rank).
 
     Args:
         forward: ``forward(audio (B,T), attention_mask (B,T)) -> {"logits", "attributes"}``.
-        shards: shard groups (directories, files, globs).
-        label_set: the model's classes (categorical tasks), else None.
+        cfg: what to read and how to batch it (``runconfig.loader_config(..., train=False)``
+            gives a run's).
         task: ``categorical``, ``dimensional`` or ``both``.
-        max_seconds: clips are cut to this length.
-        max_batch_seconds: padded seconds per batch.
-        num_workers: loader workers.
         device: where the model runs.
         dtype: the model's floating dtype (audio is cast to it).
         return_predictions: also return the gathered per-clip predictions.
-        styles: keep only clips of these styles (None: all).
 
     Returns:
         The metrics dict of ``dser.metrics.compute_metrics`` (plus ``predictions`` on request).
     """
-    require = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}[task]
-    cfg = LoaderConfig(shards=list(shards), label_set=label_set, require=require, train=False, styles=styles,
-                       max_seconds=max_seconds, max_batch_seconds=max_batch_seconds,
-                       num_workers=num_workers)
+    label_set = cfg.label_set  # a LabelSet (LoaderConfig resolves names) or None
     loader = iter(make_loader(cfg))
     acc = PredictionAccumulator()
     while True:
@@ -88,19 +80,54 @@ def evaluate_shards(forward: Callable[[torch.Tensor, torch.Tensor], dict], shard
     return metrics
 
 
-def evaluate_run(run_dir: Path, shards: list[str], *, num_workers: int = 1, device: str = "cpu") -> dict:
-    """``dser evaluate``: load a run's export and evaluate it on shard groups (one process).
+def evaluate_shards(forward: Callable[[torch.Tensor, torch.Tensor], dict], shards: list[str],
+                    label_set: LabelSet | None, task: str, *, styles: list[str] | None = None,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32, return_predictions: bool = False,
+                    **loader: object) -> dict:
+    """``evaluate_loader`` on shard groups with ``LoaderConfig``'s defaults, for a model that
+    has no run config (the recipe and ``dser evaluate`` use the run's, through
+    ``runconfig.loader_config``).
+
+    Args:
+        shards: shard groups (directories, files, globs).
+        label_set: the model's classes (categorical tasks), else None.
+        styles: keep only clips of these styles (None: all).
+        loader: any other ``LoaderConfig`` field (``max_seconds``, ``max_batch_seconds``, …).
+    """
+    from dser.runconfig import REQUIRE
+
+    cfg = LoaderConfig(shards=list(shards), label_set=label_set, require=REQUIRE[task], train=False, styles=styles,
+                       **loader)
+    return evaluate_loader(forward, cfg, task, device=device, dtype=dtype, return_predictions=return_predictions)
+
+
+def evaluate_run(run_dir: Path, shards: list[str], *, styles: list[str] | None = None,
+                 num_workers: int | None = None, device: str = "cpu") -> dict:
+    """``dser evaluate``: load a run's export and evaluate it on shard groups (one process),
+    batched as the run evaluated (``runconfig.loader_config``: its ``data.eval_max_seconds``,
+    ``data.max_batch_seconds``, buffers and workers), so a run's own test set gives the run's
+    numbers.
+
+    Args:
+        styles: keep only clips of these styles (None: all, as a run evaluates a test set without
+            ``data.test_styles``).
+        num_workers: loader workers (None: the run's ``data.num_workers``).
 
     Raises:
         ValueError: ``run_dir`` is missing, not a finished run (no export) or its export cannot be
             loaded; a shard spec is wrong or a shard unreadable. Each names the path.
     """
+    from dataclasses import replace
+
     from dser.predict import load_model
+    from dser.runconfig import loader_config, run_config_of_export
 
     model, run_config, label_set = load_model(run_dir, device)
-    return evaluate_shards(lambda a, m: model(a, m), shards, label_set, run_config["task"],
-                           num_workers=num_workers, device=device,
-                           max_seconds=run_config["data"]["eval_max_seconds"])
+    cfg = run_config_of_export(run_config, where=f"{Path(run_dir) / 'export' / 'config.yaml'}")
+    loader = loader_config(cfg, shards, train=False, styles=styles, label_set=label_set)
+    if num_workers is not None:
+        loader = replace(loader, num_workers=num_workers)
+    return evaluate_loader(lambda a, m: model(a, m), loader, cfg.task, device=device)
 
 
 def format_metrics(name: str, m: dict) -> str:

@@ -21,6 +21,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from dser.rundir import RunDir, RunDirError
+
 SAMPLE_RATE = 16000
 
 # Shorter clips are refused: every backbone's front end needs 25 ms for one frame (the
@@ -91,7 +93,13 @@ def load_model(run_dir: Path, device: str = "cpu"):
     if not run_dir.is_dir():
         raise PredictError(f"{run_dir}: no such run directory" if not run_dir.exists() else
                            f"{run_dir}: is a file; give a run directory (runs/<name>) holding export/")
-    export = run_dir / "export"
+    run = RunDir(run_dir)
+    if run.config_file.is_file() and not run.finished():  # a run dser started that did not finish
+        try:
+            run.require_finished("run")
+        except RunDirError as e:
+            raise PredictError(str(e)) from None
+    export = run.export
     if not (export / "config.yaml").is_file():
         what = "a shard directory" if (run_dir / "index.json").is_file() else "no exported model"
         raise PredictError(f"{run_dir} is {what}, not a finished run: give a run directory holding "

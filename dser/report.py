@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from dser.rundir import FINISHED, LAYOUT, RunDir
+
 # Metrics a row can carry, in column order, with their display names.
 METRICS = {"ua": "UA", "wa": "WA", "ccc_mean": "CCC"}
 CELLS = [(1, "source"), (1, "target"), (2, "source"), (2, "target")]
@@ -119,6 +121,7 @@ class Report:
     metrics: list[str]
     gain_metric: str | None
     files: dict[str, Path] = field(default_factory=dict)
+    provenance: dict[Path, dict | None] = field(default_factory=dict)  # run in the table -> its record
 
     def columns(self) -> list[tuple[str, str]]:
         """(key, header) of every numeric column, in table order."""
@@ -169,7 +172,25 @@ class Report:
             parts += ["No finished source -> target pair yet.", ""]
         if self.left_out:
             parts += ["## Runs not in the table", "", self.left_out_table(), ""]
+        if self.provenance:
+            parts += ["## Provenance", "", self.provenance_table(), ""]
         return "\n".join(parts)
+
+    def provenance_table(self) -> str:
+        """Per run in the table: dser and its commit, the libraries, the device and ranks, the
+        config's hash and how many shard indexes it read (``metrics.json`` ``provenance``)."""
+        lines = ["| run | dser | commit | torch | deepspeed | transformers | peft | device | ranks | config sha256 "
+                 "| shard indexes |", "|" + "---|" * 11]
+        for run, p in sorted(self.provenance.items(), key=lambda kv: str(kv[0])):
+            if not p:
+                lines.append(f"| {self._rel(run)} | not recorded (a run of an older dser) |" + " |" * 9)
+                continue
+            v = p.get("versions") or {}
+            cells = [self._rel(run), v.get("dser"), (p.get("git_commit") or "-")[:12], v.get("torch"),
+                     v.get("deepspeed"), v.get("transformers"), v.get("peft"), p.get("device"), p.get("ranks"),
+                     (p.get("config_sha256") or "")[:12], len(p.get("shard_indexes") or {})]
+            lines.append("| " + " | ".join("?" if c is None else str(c) for c in cells) + " |")
+        return "\n".join(lines)
 
     def text(self) -> str:
         """What ``dser report`` prints: the table, the left-out runs, the files written."""
@@ -229,6 +250,10 @@ def read_run(path: Path) -> Run:
     record = meta.get("precision")
     precision = record.get("name") if isinstance(record, dict) else None
     metrics_file = path / "metrics.json"
+    run = RunDir(path)
+    if metrics_file.is_file() and run.layout() >= LAYOUT and not run.finished_file.is_file():
+        return Run(path, stage, config, None, f"no {FINISHED}: it stopped after metrics.json, before its export was "
+                                              f"complete; resume it with dser train --resume {path}", precision)
     if not metrics_file.is_file():
         latest = path / "checkpoints" / "latest"
         where = f"; last checkpoint {latest.read_text().strip()} (stopped before its end? resume it with " \
@@ -346,7 +371,8 @@ def collect(runs_dir: Path) -> Report:
         rows.append(PairRow(source, target, s1.path, s2.path, values, (s1.precision, s2.precision)))
     rows.sort(key=lambda r: (r.source, r.target, str(r.stage2_run)))
     left_out.sort(key=lambda x: str(x.run))
-    return Report(runs_dir, rows, left_out, metrics, gain_metric)
+    provenance = {run.path: run.metrics.get("provenance") for s1, s2, _, _ in pairs for run in (s1, s2)}
+    return Report(runs_dir, rows, left_out, metrics, gain_metric, provenance=provenance)
 
 
 # ------------------------------------------------------------------------------------------

@@ -128,6 +128,55 @@ def default_config_path(stage: int) -> Path:
     return CONFIGS_DIR / f"demo_stage{stage}.yaml"
 
 
+# The labels a clip must have to be kept, per task (LoaderConfig.require).
+REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
+
+_DATA_STYLES = object()  # loader_config's default: the run's data.styles
+
+
+def loader_config(cfg: RunConfig, shards: list[str], *, train: bool, styles=_DATA_STYLES, label_set=None):
+    """The one road from a run config to a ``dser.data.LoaderConfig``, for the recipe,
+    ``dser evaluate`` and ``dser predict``: training (random crops of ``data.max_seconds``,
+    shuffled) or evaluation (clips cut to ``data.eval_max_seconds``, in order), with the run's
+    batching (``data.max_batch_seconds``), buffers, workers and seed.
+
+    Args:
+        cfg: the run config.
+        shards: shard specs to read.
+        train: training or evaluation.
+        styles: the style filter (default: ``data.styles``; None keeps every style).
+        label_set: the label set (default: ``data.label_set``; none for a dimensional task).
+    """
+    from dser.data import LoaderConfig
+    from dser.labels import get_label_set
+
+    d = cfg.data
+    if label_set is None and cfg.task != "dimensional":
+        label_set = get_label_set(d.label_set)
+    return LoaderConfig(shards=list(shards), label_set=label_set, styles=d.styles if styles is _DATA_STYLES else styles,
+                        require=REQUIRE[cfg.task], train=train, seed=cfg.seed,
+                        max_seconds=d.max_seconds if train else d.eval_max_seconds,
+                        max_batch_seconds=d.max_batch_seconds, shuffle_buffer=d.shuffle_buffer,
+                        bucket_buffer=d.bucket_buffer, num_workers=d.num_workers)
+
+
+def final_eval_sets(cfg: RunConfig) -> dict[str, tuple[list[str], list[str] | None]]:
+    """The sets a run evaluates at its end, each with its style filter: every ``data.test``
+    set (``data.test_styles``, else every style), or the validation set when there is none."""
+    if not cfg.data.test:
+        return {"valid": (cfg.data.valid, cfg.data.styles)}
+    return {name: (specs, cfg.data.test_styles.get(name)) for name, specs in cfg.data.test.items()}
+
+
+def run_config_of_export(config: dict, where: str) -> RunConfig:
+    """The run config an export recorded (``export/config.yaml``: ``stage`` plus the config).
+
+    Raises:
+        ConfigError: naming ``where`` and the key.
+    """
+    return from_dict(RunConfig, {k: v for k, v in config.items() if k != "stage"}, where=where)
+
+
 def resolve_config(path: Path | None, overrides: list[str], stage: int) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides and validate every key.
 

@@ -39,13 +39,34 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dser.labels import ATTRIBUTES  # dimensional labels, each in [0, 1] or null
+
 FORMAT = "dser-shards/2"
 OLD_FORMATS = ("dser-shards/1",)
 INDEX_NAME = "index.json"
 TABLE_NAME = "samples.jsonl"
 TABLE_FIELDS = ("utt_id", "key", "speaker", "emotion", "style", "attributes", "duration",
                 "clipped", "shard", "flac", "json")
-ATTRIBUTES = ("valence", "arousal", "dominance")
+
+# The sample JSON beside each ``<key>.flac``: these keys always (null when unknown), plus the
+# corpus's own extra fields (IEMOCAP's dialog and times, …). ``duration`` is the stored audio's
+# length in seconds; the sharder adds it to the reader's ``Record.labels()``.
+SAMPLE_FIELDS = ("utt_id", "corpus", "group", "speaker", "gender", "emotion", "emotion_raw", *ATTRIBUTES,
+                 "duration", "style")
+# The rates ``dser shard --sample-rate`` writes; the loader resamples any of them to the
+# backbones' 16 kHz (soxr).
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+LABEL_KEYS = ("emotion", *ATTRIBUTES)  # what a loader needs of every sample JSON
+IGNORE_INDEX = -100  # the emotion target of clips without a class (cross-entropy's ignore_index)
+# A sample whose FLAC holds more or less audio than its JSON ``duration`` says by more than this
+# is damaged, for the loader and for ``dser verify`` alike. Batches are planned from
+# ``duration``; 1 ms admits durations written to the millisecond by other tools.
+DURATION_TOLERANCE_S = 0.001
+
+
+def duration_matches(samples: int, duration: float, sample_rate: int) -> bool:
+    """Whether ``samples`` of audio at ``sample_rate`` are the ``duration`` a sample JSON states."""
+    return abs(samples - duration * sample_rate) <= DURATION_TOLERANCE_S * sample_rate
 
 
 class ShardError(Exception):

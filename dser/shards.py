@@ -92,7 +92,7 @@ import soxr
 from dser import __version__
 from dser.corpora import Listing, Record, Skip
 from dser.labels import EMOTIONS, STYLES
-from dser.schema import (FORMAT, INDEX_NAME, TABLE_NAME, ShardError, ShardIndex, encode_table, fresh_dir,
+from dser.schema import (FORMAT, INDEX_NAME, SAMPLE_RATES, TABLE_NAME, ShardError, ShardIndex, encode_table, fresh_dir,
                          group_summary, read_index_json, sha256_file, table_row, upgrade_command)
 
 __all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "Stopped", "build_shards", "shard_key"]
@@ -536,8 +536,8 @@ def _json_scalar(value):
 
 
 def _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers) -> None:
-    if not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise ShardError(f"--sample-rate must be a positive integer (Hz), got {sample_rate!r}")
+    if not isinstance(sample_rate, int) or sample_rate not in SAMPLE_RATES:
+        raise ShardError(f"--sample-rate must be one of {', '.join(map(str, SAMPLE_RATES))} (Hz), got {sample_rate!r}")
     if not max_shard_mb > 0:
         raise ShardError(f"--max-shard-mb must be positive, got {max_shard_mb!r}")
     if max_shard_samples is not None and max_shard_samples < 1:

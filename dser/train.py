@@ -15,9 +15,12 @@ Launch::
     deepspeed dser/train.py --resume runs/demo-stage1-20261124-010203      # continue a run
     dser train --stage 1 --ranks 2                            # the same through the CLI
 
-The recipe reads top to bottom: setup (config, process group, run dir, data, model, engine,
-resume) → train loop (written out: forward, loss, backward, step, log, evaluate, checkpoint) →
-final evaluation, metrics.json and export. DeepSpeed does backward and step.
+``main`` checks the config (before any process group), starts the process group and runs a
+``Recipe``: ``setup()`` (precision, run directory, model, engine, resume, data, logging) →
+``train()`` (the loop, written out: ``train_step`` per batch, log, evaluate, checkpoint) →
+``finish()`` (best weights, every test set, metrics.json, the export, finished.json last) →
+``cleanup()``. ``TrainState`` is everything a resume needs besides DeepSpeed's own files.
+DeepSpeed does backward and step; ``dser.rundir`` owns the run directory's layout.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -51,19 +54,20 @@ import yaml
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from dser.config import ConfigError, from_dict, to_dict
-from dser.data import DataError, LoaderConfig, count_set, make_loader, resolve_shards
-from dser.evaluate import evaluate_shards, format_metrics, write_json
+from dser.data import DataError, LoaderConfig, TrainStream, count_set, make_loader, resolve_shards
+from dser.evaluate import evaluate_loader, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.backbone import BackboneError, check_backbone
 from dser.model.build import build_model
 from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
                                       load_export_weights, save_adaptors)
+from dser.provenance import provenance
+from dser.rundir import RunDir, RunDirError
 from dser.precision import Precision, PrecisionError, check_device, decide_precision, detect_hardware, keep_precision
-from dser.runconfig import (RunConfig, check_schedule, deepspeed_config, ds_file_precision, recorded_precision,
-                            resolve_config)
+from dser.runconfig import (REQUIRE, RunConfig, check_schedule, deepspeed_config, ds_file_precision,
+                            final_eval_sets, loader_config, recorded_precision, resolve_config)
 from dser.safeload import UnsafeCheckpointError, check_checkpoint_dir, safe_load, use_safe_loads
 
-REQUIRE = {"categorical": "emotion", "dimensional": "attributes", "both": "any"}
 
 
 class RecipeError(Exception):
@@ -108,13 +112,12 @@ def broadcast(obj):
 
 
 def latest_run(runs_dir: Path, stage: int) -> Path:
-    """The most recently finished run of ``stage`` under ``runs_dir`` (has an export)."""
+    """The most recently finished run of ``stage`` under ``runs_dir`` (``RunDir.finished``)."""
     done = []
     for cfg_file in Path(runs_dir).glob("*/config.yaml"):
-        run = cfg_file.parent
-        meta = yaml.safe_load(cfg_file.read_text()) or {}
-        if meta.get("stage") == stage and (run / "export" / "config.yaml").is_file():
-            done.append((run.stat().st_mtime, run))
+        run = RunDir(cfg_file.parent)
+        if (run.meta() or {}).get("stage") == stage and run.finished():
+            done.append((run.path.stat().st_mtime, run.path))
     if not done:
         raise RecipeError(f"no finished stage-{stage} run under {runs_dir}; run stage {stage} first "
                           f"or pass --init-from RUN_DIR")
@@ -149,55 +152,6 @@ def set_rng_state(s: dict) -> None:
     n = s["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(s["torch"])
-
-
-class TrainStream:
-    """Endless training batches over epochs, and where it is (epoch, batches done) for resume.
-
-    With rehearsal, a second stream of source-domain batches is mixed in: each batch comes
-    from it with probability ``share``, drawn from a generator seeded by (seed, batch number)
-    so a resumed run makes the same choices.
-    """
-
-    def __init__(self, main: LoaderConfig, rehearsal: LoaderConfig | None, share: float, seed: int,
-                 state: dict | None = None):
-        self.cfgs = {"main": main, "rehearsal": rehearsal}
-        self.share, self.seed = share, seed
-        self.pos = (state or {}).get("pos", {"main": [0, 0], "rehearsal": [0, 0]})
-        self.drawn = (state or {}).get("drawn", 0)
-        self.bad_samples: list[str] = list((state or {}).get("bad_samples", []))
-        self.iters = {}
-
-    def _next(self, which: str) -> dict:
-        while True:
-            if which not in self.iters:
-                epoch, skip = self.pos[which]
-                self.iters[which] = iter(make_loader(self.cfgs[which], epoch=epoch, skip_batches=skip))
-            batch = next(self.iters[which], None)
-            if batch is not None:
-                self.pos[which][1] += 1
-                self.bad_samples.extend(batch["bad_samples"])
-                if not batch["utt_id"]:  # every clip of this batch was corrupt
-                    continue
-                return batch
-            if self.pos[which][1] == 0:
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                raise RankError(f"rank {rank} got no {which} training data from "
-                                  f"{self.cfgs[which].shards}: are there fewer shards than ranks x workers?")
-            del self.iters[which]
-            self.pos[which] = [self.pos[which][0] + 1, 0]
-
-    def next(self) -> dict:
-        use_rehearsal = False
-        if self.cfgs["rehearsal"] is not None and self.share > 0:
-            g = np.random.default_rng([self.seed, 7919, self.drawn])
-            use_rehearsal = g.random() < self.share
-        self.drawn += 1
-        return self._next("rehearsal" if use_rehearsal else "main")
-
-    def state(self) -> dict:
-        return {"pos": {k: list(v) for k, v in self.pos.items()}, "drawn": self.drawn,
-                "bad_samples": list(self.bad_samples)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
 
     try:
-        return _run(args, stage, cfg, recorded, set_warnings, deepspeed, rank, world, device, cpu)
+        return Recipe(args, stage, cfg, recorded, set_warnings, deepspeed=deepspeed, device=device).run()
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0 or isinstance(e, RankError):
@@ -369,17 +323,10 @@ def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) 
     except PrecisionError as e:
         raise RecipeError(str(e)) from None
     if stage == 2:
-        init_export = Path(cfg.stage2.init_from) / "export"
-        if not (init_export / "export.json").is_file():
-            latest = Path(cfg.stage2.init_from) / "checkpoints" / "latest"
-            if latest.is_file() and not (Path(cfg.stage2.init_from) / "metrics.json").is_file():
-                raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: that stage-1 run stopped before its end "
-                                  f"(last checkpoint {latest.read_text().strip()}); finish it first with "
-                                  f"dser train --resume {cfg.stage2.init_from}")
-            from dser.paths import found
-
-            raise RecipeError(f"stage2.init_from {cfg.stage2.init_from}: expected a finished stage-1 run directory "
-                              f"(with export/), found {found(cfg.stage2.init_from, directory=True)}; did its stage 1 finish?")
+        try:
+            init_export = RunDir(cfg.stage2.init_from).require_finished("stage2.init_from", "stage-1 run")
+        except RunDirError as e:
+            raise RecipeError(str(e)) from None
         label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
         src = export_labels(init_export)
         if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
@@ -524,316 +471,470 @@ def precision_notes(cfg: RunConfig, precision: Precision, stage: int) -> list[st
     return notes
 
 
-def _run(args, stage: int, cfg: RunConfig, recorded: Precision | None, set_warnings: list[str], deepspeed,
-         rank: int, world: int, device: torch.device, cpu: bool) -> int:
-    precision = agree_on_precision(cfg, recorded, rank)
+@dataclass
+class TrainState:
+    """Everything a resumed run needs beyond DeepSpeed's own checkpoint (weights, optimizer,
+    schedule): one per rank, saved as ``checkpoints/<tag>/dser_rank<r>.pt``.
 
-    # ---- run directory -----------------------------------------------------------------
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        stamp = broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"
-    ckpt_dir, tb_dir, export_dir = run_dir / "checkpoints", run_dir / "tensorboard", run_dir / "export"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(
-                {"stage": stage, "precision": precision.record(), "config": to_dict(cfg)}, sort_keys=False))
-    if dist.is_initialized():
-        dist.barrier()
-    rank0_print(f"dser: stage {stage} run in {run_dir} ({world} rank{'s' if world > 1 else ''}, "
-                f"{'CPU' if cpu else 'GPU'})")
-    precision_text = [precision.line()] + (precision_notes(cfg, precision, stage) if rank == 0 else [])
-    rank0_print("\n".join(precision_text))
-    if set_warnings:  # from check_inputs (label_set_checks), before any process group
-        rank0_print("\n".join(f"warning: {w}" for w in set_warnings))
+    ``state_dict()`` holds plain values and tensors only, so ``torch.load(weights_only=True)``
+    reads it back; its keys are those of checkpoints written before this class existed.
+    """
 
-    # ---- seeds, labels, data ------------------------------------------------------------
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed)  # same new-part weights on every rank
-    label_set: LabelSet | None = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
-    num_classes = label_set.num_classes if label_set else None
-
-    def loader_cfg(shards: list[str], train: bool) -> LoaderConfig:
-        d = cfg.data
-        return LoaderConfig(shards=list(shards), label_set=label_set, styles=d.styles,
-                            require=REQUIRE[cfg.task], train=train, seed=cfg.seed,
-                            max_seconds=d.max_seconds if train else d.eval_max_seconds,
-                            max_batch_seconds=d.max_batch_seconds, shuffle_buffer=d.shuffle_buffer,
-                            bucket_buffer=d.bucket_buffer, num_workers=d.num_workers)
-
-    # ---- model: build, stage-2 loading, freezing ---------------------------------------
-    model = build_model(cfg.model, num_classes=num_classes, task=cfg.task)
-    if stage == 2:
-        init_export = Path(cfg.stage2.init_from) / "export"  # checked by check_inputs
-        load_export_weights(model, init_export, skip_prefixes=("head.",) if cfg.stage2.new_head else ())
-        model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
-        model.freeze(cfg.stage2.freeze)
-    elif hasattr(model.backbone, "feature_frames"):
-        # Filterbank front end with global normalisation: fit per-bin statistics on training
-        # data. Every rank reads the same first batches (rank 0's view of all shards), so the
-        # statistics agree without communication.
-        fit_cfg = replace(loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0,
-                          skip_damaged_shards=True)
-        batches = []
-        for i, b in enumerate(make_loader(fit_cfg)):
-            batches.append((b["audio"], b["attention_mask"]))
-            if i >= 15:
-                break
-        model.backbone.fit_feature_stats(batches)
-    model.log_summary(print_fn=rank0_print)
-    params = model.parameter_counts()
-
-    # ---- engine ------------------------------------------------------------------------
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ds_config = deepspeed_config(cfg, world, precision.name, cpu)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    dtype = precision.dtype
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    overflow_checked = precision.name in ("bf16", "fp16")
-
-    class_weights = None
-    if cfg.optim.class_weighted_loss and label_set is not None:
-        class_weights = _class_weights(loader_cfg(cfg.data.train, train=False), num_classes)
-        rank0_print("class weights:", [round(w, 3) for w in class_weights.tolist()])
-
-    # ---- resume ------------------------------------------------------------------------
-    step, best, evals_since_best, stream_state = 0, None, 0, None
-    history: list[dict] = []
+    step: int = 0                     # optimizer steps done
+    best: float | None = None         # best validation score so far (UA, or mean CCC)
+    evals_since_best: int = 0         # validations since it (early stopping)
+    history: list[dict] = field(default_factory=list)   # validation metrics, one per evaluation
     # Steps skipped for a non-finite loss (every rank drops the batch) or gradient (DeepSpeed's
-    # overflow check drops the update), with the step each happened at.
-    skipped: list[dict] = []
-    bad_total = 0  # corrupt training samples skipped, summed over ranks
-    if args.resume:
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            # Every file is unpickled with weights_only, allowing only DeepSpeed's own classes
-            # (dser.safeload); read_run_config checked them all already.
-            use_safe_loads(engine)
-            try:
-                engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-                state = safe_load(ckpt_dir / tag / f"dser_rank{rank}.pt")
-            except UnsafeCheckpointError as e:  # changed since the check: only this rank knows
-                raise RankError(str(e)) from None
-            step, best = state["step"], state["best"]
-            evals_since_best, history = state["evals_since_best"], state["history"]
-            stream_state, skipped, bad_total = state["stream"], state["skipped"], state["bad_total"]
-            set_rng_state(state["rng"])
-            rank0_print(f"resumed from {ckpt_dir / tag} at step {step}")
+    # overflow check drops the update): {"step", "why"}.
+    skipped: list[dict] = field(default_factory=list)
+    bad_total: int = 0                # corrupt training samples skipped, summed over ranks
+    stream: dict | None = None        # TrainStream.state_dict(): this rank's place in its data
+    rng: dict | None = None           # rng_state(): python, numpy and torch generators
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: dict) -> "TrainState":
+        missing = [f.name for f in fields(self) if f.name not in state]
+        if missing:
+            raise RecipeError(f"the checkpoint's training state lacks {', '.join(missing)}: it is not one "
+                              f"dser wrote")
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+        return self
+
+
+class Recipe:
+    """One rank's part of a run: ``setup()`` → ``train()`` → ``finish()`` → ``cleanup()``.
+
+    ``run()`` does all four. ``train()`` is the loop, written out; each optimizer step is
+    ``optim.grad_accum`` calls of ``train_step(batch)``; ``evaluate(sets)`` runs the evaluation
+    loop on every rank; ``save()`` / ``load()`` write and read a checkpoint (DeepSpeed's files
+    plus this rank's ``TrainState``). Everything that resume needs lives in ``self.state``.
+
+    Call on every rank of an initialised process group (one rank is a gloo group of one).
+    """
+
+    def __init__(self, args: argparse.Namespace, stage: int, cfg: RunConfig, recorded: Precision | None,
+                 set_warnings: list[str], *, deepspeed, device: torch.device):
+        self.args, self.stage, self.cfg, self.recorded = args, stage, cfg, recorded
+        self.set_warnings, self.deepspeed, self.device = set_warnings, deepspeed, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cpu = device.type == "cpu"
+        self.state = TrainState()
+        self.stop_signal: int | None = None  # the signal this rank got (preemption)
+        self.writer = self.bar = None
+        self._old_handlers: dict = {}
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Precision, run directory, seeds, model, engine, resume, data, logging, signals."""
+        self.precision = agree_on_precision(self.cfg, self.recorded, self.rank)
+        self._setup_run_dir()
+        self._setup_model()
+        self._setup_engine()
+        if self.args.resume:
+            self.load()
+        self._setup_data()
+        self._setup_logging()
+        # Preemption (Slurm's USR1 warning, SIGTERM): finish the current step, checkpoint,
+        # exit. The flag travels with the per-batch all-reduce, so a signal that reached only
+        # some ranks still stops them all at the same step.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    def _setup_run_dir(self) -> None:
+        cfg = self.cfg
+        if self.args.resume:
+            self.run_dir = Path(self.args.resume)
         else:
-            rank0_print(f"no checkpoint in {ckpt_dir} yet: starting from the beginning")
+            stamp = broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            self.run_dir = Path(self.args.run_dir) if self.args.run_dir else Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"
+        self.rundir = RunDir(self.run_dir)
+        self.ckpt_dir, self.tb_dir, self.export_dir = self.rundir.checkpoints, self.rundir.tensorboard, self.rundir.export
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.args.resume:
+                self.rundir.write_config({"stage": self.stage, "precision": self.precision.record(),
+                                          "config": to_dict(cfg)})
+        dist.barrier()
+        rank0_print(f"dser: stage {self.stage} run in {self.run_dir} ({self.world} rank"
+                    f"{'s' if self.world > 1 else ''}, {'CPU' if self.cpu else 'GPU'})")
+        notes = precision_notes(cfg, self.precision, self.stage) if self.rank == 0 else []
+        self.precision_text = [self.precision.line()] + notes
+        rank0_print("\n".join(self.precision_text))
+        if self.set_warnings:  # from check_inputs (label_set_checks), before any process group
+            rank0_print("\n".join(f"warning: {w}" for w in self.set_warnings))
 
-    rehearsal_cfg = loader_cfg(cfg.data.rehearsal.shards, train=True) if cfg.data.rehearsal.shards else None
-    if rehearsal_cfg is not None:
-        rehearsal_cfg = replace(rehearsal_cfg, seed=cfg.seed + 1)
-    stream = TrainStream(loader_cfg(cfg.data.train, train=True), rehearsal_cfg, cfg.data.rehearsal.share,
-                         cfg.seed, stream_state)
+        random.seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed)  # same new-part weights on every rank
+        self.label_set: LabelSet | None = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+        self.num_classes = self.label_set.num_classes if self.label_set else None
 
-    # ---- logging -----------------------------------------------------------------------
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(tb_dir))
-        writer.add_text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", step)
-        writer.add_text("precision", "\n\n".join(precision_text), step)
-    bar = None
-    if rank == 0 and cfg.train.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.optim.max_steps, initial=step, desc=f"stage {stage}", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    def loader_cfg(self, shards: list[str], train: bool) -> LoaderConfig:
+        """The loader config of a training (random crops, shuffled) or evaluation set, with
+        ``data.styles`` (``runconfig.loader_config``)."""
+        return loader_config(self.cfg, shards, train=train, label_set=self.label_set)
 
-    def forward(audio, mask):
-        return engine(audio.to(device, dtype), mask.to(device))
+    def _setup_model(self) -> None:
+        """Build; stage 2 loads its stage-1 export, adds fresh adaptors, freezes."""
+        cfg = self.cfg
+        model = self.model = build_model(cfg.model, num_classes=self.num_classes, task=cfg.task)
+        if self.stage == 2:
+            init_export = Path(cfg.stage2.init_from) / "export"  # checked by check_inputs
+            load_export_weights(model, init_export, skip_prefixes=("head.",) if cfg.stage2.new_head else ())
+            model.add_fresh_adaptors(cfg.stage2.fresh_adaptors)
+            model.freeze(cfg.stage2.freeze)
+        elif hasattr(model.backbone, "feature_frames"):
+            # Filterbank front end with global normalisation: fit per-bin statistics on training
+            # data. Every rank reads the same first batches (rank 0's view of all shards), so the
+            # statistics agree without communication.
+            fit_cfg = replace(self.loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0,
+                              skip_damaged_shards=True)
+            batches = []
+            for i, b in enumerate(make_loader(fit_cfg)):
+                batches.append((b["audio"], b["attention_mask"]))
+                if i >= 15:
+                    break
+            model.backbone.fit_feature_stats(batches)
+        model.log_summary(print_fn=rank0_print)
+        self.params = model.parameter_counts()
 
-    def evaluate(sets: dict[str, list[str]], styles: dict[str, list[str] | None]) -> dict[str, dict]:
-        engine.eval()
+    def _setup_engine(self) -> None:
+        """AdamW (no decay on biases and norms), the LR schedule, DeepSpeed's engine."""
+        cfg = self.cfg
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        ds_config = deepspeed_config(cfg, self.world, self.precision.name, self.cpu)
+        self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.dtype = self.precision.dtype
+        self.zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        self.overflow_checked = self.precision.name in ("bf16", "fp16")
+        self.class_weights = None
+        if cfg.optim.class_weighted_loss and self.label_set is not None:
+            self.class_weights = _class_weights(self.loader_cfg(cfg.data.train, train=False), self.num_classes)
+            rank0_print("class weights:", [round(w, 3) for w in self.class_weights.tolist()])
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        rehearsal = None
+        if cfg.data.rehearsal.shards:
+            rehearsal = replace(self.loader_cfg(cfg.data.rehearsal.shards, train=True), seed=cfg.seed + 1)
+        self.stream = TrainStream(self.loader_cfg(cfg.data.train, train=True), rehearsal, cfg.data.rehearsal.share,
+                                  cfg.seed)
+        if self.state.stream is not None:
+            self.stream.load_state_dict(self.state.stream)
+
+    def _setup_logging(self) -> None:
+        cfg, step = self.cfg, self.state.step
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb_dir))
+            self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", step)
+            self.writer.add_text("precision", "\n\n".join(self.precision_text), step)
+        if self.rank == 0 and cfg.train.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.optim.max_steps, initial=step, desc=f"stage {self.stage}", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save(self) -> None:
+        """A checkpoint of this step (atomic: see ``_save_checkpoint``); every rank calls it."""
+        self.state.stream = self.stream.state_dict()
+        self.state.rng = rng_state()
+        _save_checkpoint(self.engine, self.ckpt_dir, f"step{self.state.step:08d}", self.state.state_dict(),
+                         self.rank, self.cfg.train.keep_last)
+
+    def load(self) -> bool:
+        """Continue from ``checkpoints/latest``, if there is one (False: there is none yet)."""
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            rank0_print(f"no checkpoint in {self.ckpt_dir} yet: starting from the beginning")
+            return False
+        tag = latest.read_text().strip()
+        # Every file is unpickled with weights_only, allowing only DeepSpeed's own classes
+        # (dser.safeload); read_run_config checked them all already.
+        use_safe_loads(self.engine)
+        try:
+            self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=False)
+            state = safe_load(self.ckpt_dir / tag / f"dser_rank{self.rank}.pt")
+        except UnsafeCheckpointError as e:  # changed since the check: only this rank knows
+            raise RankError(str(e)) from None
+        self.state = TrainState().load_state_dict(state)
+        set_rng_state(self.state.rng)
+        rank0_print(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}")
+        return True
+
+    # ---- one batch -----------------------------------------------------------------------
+
+    def forward(self, audio: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The engine on ``audio (B, T)`` and ``mask (B, T)``, moved to the device (and dtype)."""
+        return self.engine(audio.to(self.device, self.dtype), mask.to(self.device))
+
+    def train_step(self, batch: dict) -> dict:
+        """One batch: forward, loss, the per-batch all-reduce, backward and DeepSpeed's step
+        (which updates the weights every ``optim.grad_accum`` batches).
+
+        The all-reduce sums, over ranks, the ranks whose loss is non-finite, the ranks that got a
+        stop signal and the corrupt samples newly skipped (``batch["bad_samples"]``), so every
+        rank takes the same decisions.
+
+        Returns:
+            ``loss`` (this rank's, a float; None when non-finite), ``parts`` (its named parts,
+            floats), ``skipped`` (None, or ``"loss"`` / ``"gradient"`` when some rank's was
+            non-finite and the batch or update was dropped), ``stop`` (a stop signal reached
+            some rank) and ``new_bad`` (corrupt samples skipped on all ranks).
+        """
+        on_device = {k: v.to(self.device) if torch.is_tensor(v) and k != "audio" else v for k, v in batch.items()}
+        out = self.engine(batch["audio"].to(self.device, self.dtype), on_device["attention_mask"])
+        loss, parts = self.model.loss(out, on_device, class_weights=self.class_weights)
+        flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1),
+                           torch.tensor([float(self.stop_signal is not None), float(len(batch["bad_samples"]))],
+                                        device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        nonfinite_loss, stop, new_bad = flags.tolist()
+        skipped, value = None, None
+        if nonfinite_loss:
+            # Every rank must run backward (gradients are reduced collectively), from the
+            # parameters themselves: a graph through NaN activations would give NaN
+            # gradients on this rank only. With bf16/fp16, DeepSpeed's overflow check
+            # drops a step whose gradients are NaN on any rank (optimizer moments and
+            # schedule untouched): make them NaN on purpose. In fp32 there is no such
+            # check: backpropagate zero, which drops the batch but not AdamW's momentum.
+            loss = sum(p.sum() for p in self.trainable) * (math.nan if self.overflow_checked else 0.0)
+            skipped = "loss"
+        else:
+            value = float(loss.detach().float().cpu())
+        skipped_before = self.engine.skipped_steps
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.engine.skipped_steps > skipped_before and skipped is None:
+            skipped = "gradient"  # DeepSpeed found inf/NaN gradients and dropped the update
+        return {"loss": value, "parts": {k: float(v.float().cpu()) for k, v in parts.items()} if value is not None
+                else {}, "skipped": skipped, "stop": bool(stop), "new_bad": int(new_bad)}
+
+    def evaluate(self, sets: dict[str, tuple[list[str], list[str] | None]]) -> dict[str, dict]:
+        """Metrics of each named set: ``name -> (shard specs, style filter)``, batched by
+        ``runconfig.loader_config`` as ``dser evaluate`` batches (every rank calls it; the model
+        is put back in training mode afterwards)."""
+        self.engine.eval()
         results = {}
-        for name, shards in sets.items():
-            results[name] = evaluate_shards(forward, shards, label_set, cfg.task, styles=styles.get(name),
-                                            max_seconds=cfg.data.eval_max_seconds,
-                                            max_batch_seconds=cfg.data.max_batch_seconds,
-                                            num_workers=cfg.data.num_workers, device=str(device), dtype=dtype)
-        engine.train()
+        for name, (shards, styles) in sets.items():
+            cfg = loader_config(self.cfg, shards, train=False, styles=styles, label_set=self.label_set)
+            results[name] = evaluate_loader(self.forward, cfg, self.cfg.task, device=str(self.device),
+                                            dtype=self.dtype)
+        self.engine.train()
         return results
 
-    def score(m: dict) -> float:
-        return m["ua"] if cfg.task != "dimensional" else m["ccc_mean"]
+    def score(self, m: dict) -> float:
+        """The number the best checkpoint is chosen by."""
+        return m["ua"] if self.cfg.task != "dimensional" else m["ccc_mean"]
 
-    def save_best():
-        _gathered_call(deepspeed, model, zero3, rank,
-                       lambda: save_adaptors(model, run_dir / "best" / "adaptors.safetensors"))
+    def _next_batch(self) -> dict:
+        try:
+            return self.stream.next()
+        except DataError as e:  # only this rank may have run dry
+            raise RankError(str(e)) from None
 
-    # Preemption (Slurm's USR1 warning, SIGTERM): finish the current step, checkpoint, exit.
-    # The flag travels with the finite-loss all-reduce, so a signal that reached only some
-    # ranks still stops them all at the same step.
-    stop_signal = {"sig": None}
+    # ---- the loop ------------------------------------------------------------------------
 
-    def on_signal(signum, _frame):
-        stop_signal["sig"] = signum
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def checkpoint():
-        state = {"step": step, "best": best, "evals_since_best": evals_since_best, "history": history,
-                 "stream": stream.state(), "skipped": skipped, "bad_total": bad_total,
-                 "rng": rng_state()}
-        _save_checkpoint(engine, ckpt_dir, f"step{step:08d}", state, rank, cfg.train.keep_last)
-
-    # ---- train loop --------------------------------------------------------------------
-    engine.train()
-    start_step = step
-    t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
-    nonfinite_run, stop_now = 0, False
-    while step < cfg.optim.max_steps:
-        step_skipped = None
-        for _ in range(cfg.optim.grad_accum):
-            bad_before = len(stream.bad_samples)
-            batch = stream.next()
-            out = forward(batch["audio"], batch["attention_mask"])
-            loss, parts = model.loss(out, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()},
-                                     class_weights=class_weights)
-            # One small all-reduce per batch, summed over ranks: ranks with a non-finite loss,
-            # ranks with a stop signal, corrupt samples newly skipped.
-            flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1),
-                               torch.tensor([float(stop_signal["sig"] is not None),
-                                             float(len(stream.bad_samples) - bad_before)], device=device)])
-            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-            nonfinite_loss, stop_now, new_bad = flags.tolist()
-            bad_total += int(new_bad)
-            if bad_total > cfg.train.max_bad_samples:
-                latest = stream.bad_samples[-1] if stream.bad_samples else "on another rank"
-                raise RecipeError(f"{bad_total} corrupt training samples skipped, more than "
-                                  f"train.max_bad_samples={cfg.train.max_bad_samples} (at step {step + 1}; "
-                                  f"latest: {latest}). Run dser verify on the shards")
-            if nonfinite_loss:
-                # Every rank must run backward (gradients are reduced collectively), from the
-                # parameters themselves: a graph through NaN activations would give NaN
-                # gradients on this rank only. With bf16/fp16, DeepSpeed's overflow check
-                # drops a step whose gradients are NaN on any rank (optimizer moments and
-                # schedule untouched): make them NaN on purpose. In fp32 there is no such
-                # check: backpropagate zero, which drops the batch but not AdamW's momentum.
-                loss = sum(p.sum() for p in trainable) * (math.nan if overflow_checked else 0.0)
-                step_skipped = "loss"
+    def train(self) -> int | None:
+        """Train to ``optim.max_steps`` (or early stopping): None. A run stopped before its end
+        (a signal, ``train.stop_after_steps``) checkpoints and returns its exit status."""
+        cfg, st = self.cfg, self.state
+        self.engine.train()
+        start_step = st.step
+        t_log, samples_log, seconds_log = time.time(), 0, 0.0
+        loss_sum, loss_n, parts_sum = 0.0, 0, {}
+        nonfinite_run = 0
+        while st.step < cfg.optim.max_steps:
+            step_skipped, stop_now = None, False
+            for _ in range(cfg.optim.grad_accum):
+                batch = self._next_batch()
+                r = self.train_step(batch)
+                stop_now = stop_now or r["stop"]
+                st.bad_total += r["new_bad"]
+                if st.bad_total > cfg.train.max_bad_samples:
+                    latest = self.stream.bad_samples[-1] if self.stream.bad_samples else "on another rank"
+                    raise RecipeError(f"{st.bad_total} corrupt training samples skipped, more than "
+                                      f"train.max_bad_samples={cfg.train.max_bad_samples} (at step {st.step + 1}; "
+                                      f"latest: {latest}). Run dser verify on the shards")
+                if r["loss"] is not None:
+                    loss_sum, loss_n = loss_sum + r["loss"], loss_n + 1
+                    for k, v in r["parts"].items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v
+                step_skipped = step_skipped or r["skipped"]
+                samples_log += len(batch["utt_id"])
+                seconds_log += batch["duration_s"]
+            if step_skipped is not None:
+                st.skipped.append({"step": st.step + 1, "why": f"non-finite {step_skipped}"})
+                nonfinite_run += 1
+                rank0_print(f"step {st.step + 1}: non-finite {step_skipped}, step skipped "
+                            f"({nonfinite_run} in a row, {len(st.skipped)} in all)")
+                if nonfinite_run > cfg.train.max_nonfinite_steps:
+                    raise RecipeError(f"non-finite {step_skipped} for {nonfinite_run} steps in a row at step "
+                                      f"{st.step + 1} (more than train.max_nonfinite_steps="
+                                      f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
             else:
-                loss_sum += loss.detach().float().cpu()
-                loss_n += 1
-            skipped_before = engine.skipped_steps
-            engine.backward(loss)
-            engine.step()
-            if engine.skipped_steps > skipped_before and step_skipped is None:
-                step_skipped = "gradient"  # DeepSpeed found inf/NaN gradients and dropped the update
-            samples_log += len(batch["utt_id"])
-            seconds_log += batch["duration_s"]
-        if step_skipped is not None:
-            skipped.append({"step": step + 1, "why": f"non-finite {step_skipped}"})
-            nonfinite_run += 1
-            rank0_print(f"step {step + 1}: non-finite {step_skipped}, step skipped "
-                        f"({nonfinite_run} in a row, {len(skipped)} in all)")
-            if nonfinite_run > cfg.train.max_nonfinite_steps:
-                raise RecipeError(f"non-finite {step_skipped} for {nonfinite_run} steps in a row at step {step + 1} "
-                                  f"(more than train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                                  f"lower optim.lr or check the data")
-        else:
-            nonfinite_run = 0
-        step += 1
-        if bar is not None:
-            bar.update(1)
+                nonfinite_run = 0
+            st.step += 1
+            if self.bar is not None:
+                self.bar.update(1)
 
-        if step % cfg.train.log_every == 0 or step == cfg.optim.max_steps:
-            elapsed = time.time() - t_log
-            mean_loss = (loss_sum / max(1, loss_n)).item()
-            gnorm = engine.get_global_grad_norm()
-            if writer is not None:
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                if gnorm is not None:
-                    writer.add_scalar("train/grad_norm", float(gnorm), step)
-                writer.add_scalar("train/samples_per_s", samples_log * world / elapsed, step)
-                writer.add_scalar("train/audio_seconds_per_s", seconds_log * world / elapsed, step)
-                writer.add_scalar("train/bad_samples", bad_total, step)
-                writer.add_scalar("train/skipped_steps", len(skipped), step)
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            t_log, samples_log, seconds_log, loss_sum, loss_n = time.time(), 0, 0.0, torch.zeros(()), 0
+            if st.step % cfg.train.log_every == 0 or st.step == cfg.optim.max_steps:
+                elapsed = time.time() - t_log
+                mean_loss = loss_sum / max(1, loss_n)
+                lr = self.scheduler.get_last_lr()[0]
+                gnorm = self.engine.get_global_grad_norm()
+                if self.writer is not None:
+                    w = self.writer
+                    w.add_scalar("train/loss", mean_loss, st.step)
+                    for k, v in parts_sum.items():  # cross-entropy and CCC parts of the loss
+                        w.add_scalar(f"train/loss/{k}", v / max(1, loss_n), st.step)
+                    w.add_scalar("train/lr", lr, st.step)
+                    if gnorm is not None:
+                        w.add_scalar("train/grad_norm", float(gnorm), st.step)
+                    w.add_scalar("train/samples_per_s", samples_log * self.world / elapsed, st.step)
+                    w.add_scalar("train/audio_seconds_per_s", seconds_log * self.world / elapsed, st.step)
+                    w.add_scalar("train/bad_samples", st.bad_total, st.step)
+                    w.add_scalar("train/skipped_steps", len(st.skipped), st.step)
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                t_log, samples_log, seconds_log = time.time(), 0, 0.0
+                loss_sum, loss_n, parts_sum = 0.0, 0, {}
 
-        if step % cfg.train.eval_every == 0 or step == cfg.optim.max_steps:
-            m = evaluate({"valid": cfg.data.valid}, {"valid": cfg.data.styles})["valid"]
-            history.append({"step": step, **{k: v for k, v in m.items() if k != "confusion"}})
-            if writer is not None:
-                _log_metrics(writer, "valid", m, step)
-            if best is None or score(m) > best:
-                best, evals_since_best = score(m), 0
-                save_best()
-            else:
-                evals_since_best += 1
-            rank0_print(f"step {step}: {format_metrics('valid', m)}  (best {best:.3f})")
-            if cfg.train.early_stopping and evals_since_best >= cfg.train.early_stopping:
-                rank0_print(f"early stopping at step {step}: {evals_since_best} evaluations without improvement")
-                break
+            if st.step % cfg.train.eval_every == 0 or st.step == cfg.optim.max_steps:
+                m = self.evaluate({"valid": (cfg.data.valid, cfg.data.styles)})["valid"]
+                st.history.append({"step": st.step, **{k: v for k, v in m.items() if k != "confusion"}})
+                if self.writer is not None:
+                    _log_metrics(self.writer, "valid", m, st.step)
+                if st.best is None or self.score(m) > st.best:
+                    st.best, st.evals_since_best = self.score(m), 0
+                    self._gathered(lambda: save_adaptors(self.model, self.run_dir / "best" / "adaptors.safetensors"))
+                else:
+                    st.evals_since_best += 1
+                rank0_print(f"step {st.step}: {format_metrics('valid', m)}  (best {st.best:.3f})")
+                if cfg.train.early_stopping and st.evals_since_best >= cfg.train.early_stopping:
+                    rank0_print(f"early stopping at step {st.step}: {st.evals_since_best} evaluations without "
+                                f"improvement")
+                    break
 
-        time_boxed = cfg.train.stop_after_steps and step - start_step >= cfg.train.stop_after_steps \
-            and step < cfg.optim.max_steps
-        if step % cfg.train.save_every == 0 or stop_now or time_boxed:
-            checkpoint()
-            if stop_now or time_boxed:
-                # Every rank stops here, at the same step, with the same status; the barrier
-                # holds them until all have written their part (the launcher kills the others
-                # as soon as one exits non-zero).
-                sig = torch.tensor([stop_signal["sig"] or 0])
-                dist.all_reduce(sig, op=dist.ReduceOp.MAX)  # the signal, even if it reached another rank
-                sig = int(sig) or None
-                if writer is not None:
-                    writer.close()
-                dist.barrier()
-                why = f"{signal.Signals(sig).name}{'' if stop_signal['sig'] else ' (sent to another rank)'}" \
-                    if stop_now else f"train.stop_after_steps={cfg.train.stop_after_steps}"
-                line = f"stopped at step {step} by {why}; resume with dser train --resume {run_dir}"
-                rank0_print(line)
-                if rank == 0 and os.environ.get("DSER_STOP_FILE"):  # dser train prints it again, last
-                    Path(os.environ["DSER_STOP_FILE"]).write_text(line + "\n")
-                return 128 + sig if stop_now else EXIT_STOPPED
-    if bar is not None:
-        bar.close()
+            time_boxed = cfg.train.stop_after_steps and st.step - start_step >= cfg.train.stop_after_steps \
+                and st.step < cfg.optim.max_steps
+            if st.step % cfg.train.save_every == 0 or stop_now or time_boxed:
+                self.save()
+                if stop_now or time_boxed:
+                    return self._stop(stop_now)
+        return None
 
-    # ---- final: best weights, test sets, metrics.json, export ---------------------------
-    _gathered_call(deepspeed, model, zero3, rank,
-                   lambda: load_adaptors(model, run_dir / "best" / "adaptors.safetensors"), modify=True)
-    test_sets = dict(cfg.data.test) or {"valid": cfg.data.valid}
-    results = evaluate(test_sets, {"valid": cfg.data.styles, **cfg.data.test_styles})
-    for name, m in results.items():
-        rank0_print(format_metrics(name, m))
-        if writer is not None:
-            _log_metrics(writer, f"test/{name}", m, step)
-    bad_lists = [None] * world
-    dist.all_gather_object(bad_lists, stream.bad_samples)
-    if rank == 0:
-        bad_samples = [f"rank {r}: {b}" for r, lst in enumerate(bad_lists) for b in lst]
-        write_json(run_dir / "metrics.json", {
-            "stage": stage, "run_dir": str(run_dir), "steps": step, "best_valid": best,
-            "precision": precision.name, "precision_reason": precision.reason, "warnings": set_warnings,
-            "init_from": cfg.stage2.init_from if stage == 2 else None,
-            "params": params, "config": to_dict(cfg), "valid_history": history,
-            "bad_samples": {"count": bad_total, "samples": bad_samples},
-            "skipped_steps": {"count": len(skipped), "steps": skipped},
-            "eval": {name: {k: v for k, v in m.items()} for name, m in results.items()}})
-    _gathered_call(deepspeed, model, zero3, rank, lambda: export_model(
-        model, export_dir, run_config={"stage": stage, **to_dict(cfg)},
-        label_set=label_set.to_dict() if label_set else None))
-    if writer is not None:
-        writer.close()
-    rank0_print(f"metrics: {run_dir / 'metrics.json'}\nexport: {export_dir}\ntensorboard: {tb_dir}")
-    dist.barrier()
-    return 0
+    def _stop(self, by_signal: bool) -> int:
+        """Every rank stops here, at the same step, with the same status; the barrier holds them
+        until all have written their part (the launcher kills the others as soon as one exits
+        non-zero)."""
+        sig = torch.tensor([self.stop_signal or 0])
+        dist.all_reduce(sig, op=dist.ReduceOp.MAX)  # the signal, even if it reached another rank
+        sig = int(sig) or None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        dist.barrier()
+        why = f"{signal.Signals(sig).name}{'' if self.stop_signal else ' (sent to another rank)'}" \
+            if by_signal else f"train.stop_after_steps={self.cfg.train.stop_after_steps}"
+        line = f"stopped at step {self.state.step} by {why}; resume with dser train --resume {self.run_dir}"
+        rank0_print(line)
+        if self.rank == 0 and os.environ.get("DSER_STOP_FILE"):  # dser train prints it again, last
+            Path(os.environ["DSER_STOP_FILE"]).write_text(line + "\n")
+        return 128 + sig if by_signal else EXIT_STOPPED
+
+    # ---- the end -------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Best weights back, every test set, metrics.json, the export."""
+        cfg, st = self.cfg, self.state
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._gathered(lambda: load_adaptors(self.model, self.run_dir / "best" / "adaptors.safetensors"), modify=True)
+        results = self.evaluate(final_eval_sets(cfg))
+        for name, m in results.items():
+            rank0_print(format_metrics(name, m))
+            if self.writer is not None:
+                _log_metrics(self.writer, f"test/{name}", m, st.step)
+        bad_lists = [None] * self.world
+        dist.all_gather_object(bad_lists, self.stream.bad_samples)
+        record = None
+        if self.rank == 0:
+            record = self.provenance()
+            bad_samples = [f"rank {r}: {b}" for r, lst in enumerate(bad_lists) for b in lst]
+            write_json(self.rundir.metrics_file, {
+                "stage": self.stage, "run_dir": str(self.run_dir), "steps": st.step, "best_valid": st.best,
+                "precision": self.precision.name, "precision_reason": self.precision.reason,
+                "warnings": self.set_warnings, "init_from": cfg.stage2.init_from if self.stage == 2 else None,
+                "params": self.params, "config": to_dict(cfg), "valid_history": st.history,
+                "bad_samples": {"count": st.bad_total, "samples": bad_samples},
+                "skipped_steps": {"count": len(st.skipped), "steps": st.skipped},
+                "eval": {name: dict(m) for name, m in results.items()}, "provenance": record})
+        self._gathered(lambda: export_model(
+            self.model, self.export_dir, run_config={"stage": self.stage, **to_dict(cfg)},
+            label_set=self.label_set.to_dict() if self.label_set else None))
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.rank == 0:  # last: the one marker that the run finished (RunDir.finished)
+            self.rundir.write_finished({"stage": self.stage, "steps": st.step,
+                                        "finished_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                        "metrics": self.rundir.metrics_file.name, "export": self.export_dir.name,
+                                        "provenance": record})
+        rank0_print(f"metrics: {self.rundir.metrics_file}\nexport: {self.export_dir}\n"
+                    f"tensorboard: {self.tb_dir}")
+        dist.barrier()
+
+    def provenance(self) -> dict:
+        """The run's provenance record (``dser.provenance``), for metrics.json and finished.json."""
+        cfg = self.cfg
+        sets = {"data.train": cfg.data.train, "data.valid": cfg.data.valid, "data.rehearsal": cfg.data.rehearsal.shards,
+                **{f"data.test.{k}": v for k, v in cfg.data.test.items()}}
+        device = torch.cuda.get_device_name(self.device) if not self.cpu else detect_hardware().device
+        return provenance(config=to_dict(cfg), precision_name=self.precision.name,
+                          precision_reason=self.precision.reason, device=device, ranks=self.world, shard_sets=sets)
+
+    def cleanup(self) -> None:
+        """Close the logs and put the signal handlers back."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def run(self) -> int:
+        """setup → train → finish → cleanup; the exit status (0: finished)."""
+        try:
+            self.setup()
+            status = self.train()
+            if status is None:
+                self.finish()
+            return status or 0
+        finally:
+            self.cleanup()
+
+    def _gathered(self, fn, modify: bool = False) -> None:
+        _gathered_call(self.deepspeed, self.model, self.zero3, self.rank, fn, modify=modify)
 
 
 def _class_weights(cfg: LoaderConfig, num_classes: int) -> torch.Tensor:

@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dser.data import decode_flac
-from dser.schema import INDEX_NAME, ShardError, ShardIndex, group_summary, table_row, unlisted_files
-
-REQUIRED_FIELDS = ("utt_id", "corpus", "group", "speaker", "gender", "emotion", "emotion_raw",
-                   "valence", "arousal", "dominance", "duration", "style")
+from dser.schema import (INDEX_NAME, SAMPLE_FIELDS, ShardError, ShardIndex, duration_matches, group_summary,
+                         table_row, unlisted_files)
 
 
 @dataclass
@@ -56,7 +54,7 @@ def _check_sample(shard: Path, key: str, parts: dict[str, bytes], sample_rate: i
     if "json" in parts:
         try:
             meta = json.loads(parts["json"])
-            missing = [k for k in REQUIRED_FIELDS if k not in meta]
+            missing = [k for k in SAMPLE_FIELDS if k not in meta]
             if missing:
                 problems.append(f"{where}: JSON lacks {', '.join(missing)}")
                 meta = None
@@ -69,7 +67,8 @@ def _check_sample(shard: Path, key: str, parts: dict[str, bytes], sample_rate: i
         except ValueError as e:
             problems.append(f"{where}: {e}")
             return problems, 0.0, meta
-        if meta and isinstance(meta.get("duration"), (int, float)) and abs(meta["duration"] - seconds) > 1.5 / sample_rate:
+        if meta and isinstance(meta.get("duration"), (int, float)) and \
+                not duration_matches(round(seconds * sample_rate), meta["duration"], sample_rate):
             problems.append(f"{where}: audio lasts {seconds:.4f} s, its JSON says {meta['duration']:.4f} s")
     return problems, seconds, meta
 

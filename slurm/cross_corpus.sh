@@ -177,8 +177,8 @@ for k in "${!jobs_id[@]}"; do
     for n in "${need_names[@]}"; do
       [[ -f $SHARDS_DIR/$n/index.json ]] || result="missing $SHARDS_DIR/$n/index.json"
     done
-  elif [[ ! -f $out/metrics.json ]]; then
-    result="no $out/metrics.json"
+  elif [[ $(dser_run_status "$out") != finished ]]; then
+    result="not finished: $(dser_run_status "$out") (no $out/finished.json)"
   fi
   [[ $result == ok ]] || failed=$((failed + 1))
   printf '%-10s %-34s %-22s %s\n' "${jobs_id[$k]}" "${jobs_what[$k]}" "$(job_state "${jobs_id[$k]}")" "$result"

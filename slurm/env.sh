@@ -32,4 +32,7 @@ export DSER_HOME DSER_VENV SHARDS_DIR RUNS_DIR LOGS_DIR
 export PATH="$DSER_VENV/bin:$PATH"
 export PYTHONPATH="$DSER_HOME${PYTHONPATH:+:$PYTHONPATH}"   # dser importable without pip install
 PY=$DSER_VENV/bin/python
+
+# "finished", "stopped at TAG", "started" or "none": RUN_DIR/finished.json (written last) decides.
+dser_run_status() { "$PY" -m dser.cli run-status "$1"; }
 DSER=("$PY" -m dser.cli)                                    # the dser command line

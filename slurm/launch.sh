@@ -11,20 +11,21 @@
 #   at its NodeAddr, on port 20000 + job id mod 20000 (MASTER_PORT overrides). Each rank gets
 #   RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what
 #   deepspeed.init_distributed reads, so train.py runs directly, without the DeepSpeed launcher.
-# Resume: a RUN_DIR holding config.yaml but no metrics.json is an unfinished run: continue it
+# Resume: a RUN_DIR holding config.yaml but no finished.json is an unfinished run: continue it
 #   (train.py --resume RUN_DIR, from checkpoints/latest). A finished RUN_DIR is left alone.
 # Preemption: #SBATCH --signal=USR1@… (or scancel --signal=USR1, or Slurm's SIGTERM) reaches
 #   every rank; each finishes its step, writes a checkpoint and exits 128 + the signal's number
 #   (138 for USR1, 143 for TERM); train.stop_after_steps stops the same way with 75. Those
 #   statuses mean "checkpointed before the end": the job requeues itself (scontrol requeue) and
-#   the restarted job resumes. 0 is a finished run (metrics.json); any other status a failure.
+#   the restarted job resumes. 0 is a finished run (finished.json, which the recipe writes last:
+#   dser run-status RUN_DIR says "finished"); any other status a failure.
 #   DSER_MAX_REQUEUES (default 20) bounds the restarts.
 
 dser_train_job() {
   local stage=$1 run_dir=$2
   shift 2
-  if [[ -f $run_dir/metrics.json ]]; then
-    echo "dser: $run_dir has finished already (metrics.json): nothing to do"
+  if [[ $(dser_run_status "$run_dir") == finished ]]; then
+    echo "dser: $run_dir has finished already (finished.json): nothing to do"
     return 0
   fi
   local args
@@ -67,11 +68,11 @@ dser_train_job() {
   local rc=$?
   case $rc in
     0)
-      if [[ -f $run_dir/metrics.json ]]; then
+      if [[ $(dser_run_status "$run_dir") == finished ]]; then
         echo "dser: stage $stage finished: $run_dir/metrics.json"
         return 0
       fi
-      echo "dser: stage $stage exited 0 without $run_dir/metrics.json; $run_dir is kept: submit the same" \
+      echo "dser: stage $stage exited 0 without $run_dir/finished.json; $run_dir is kept: submit the same" \
         "job again to resume" >&2
       return 1 ;;
     75 | 138 | 143) ;;   # stopped with a checkpoint (train.stop_after_steps, SIGUSR1, SIGTERM)

@@ -9,7 +9,7 @@
 #   SBATCH_TIMELIMIT=4:00:00 SBATCH_PARTITION=gpu sbatch slurm/stage1.sh …
 #
 # RUN_DIR is where the run writes (config.yaml, checkpoints/, tensorboard/, export/,
-# metrics.json). Submitting again with the same RUN_DIR resumes it, or does nothing once it
+# metrics.json, finished.json last). Submitting again with the same RUN_DIR resumes it, or does nothing once it
 # has finished. Stage 2 starts from it: slurm/stage2.sh … RUN_DIR.
 #
 # The #SBATCH lines below are defaults. Override them on the sbatch command line, or with

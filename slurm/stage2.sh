@@ -8,7 +8,7 @@
 #
 # With --dependency=afterok the job starts only once stage 1 has succeeded; if stage 1 fails it
 # stays pending (Reason=DependencyNeverSatisfied) until cancelled. It also refuses to start
-# from a stage-1 run without metrics.json. RUN_DIR, resuming, requeueing and the #SBATCH
+# from a stage-1 run that has not finished (no finished.json). RUN_DIR, resuming, requeueing and the #SBATCH
 # defaults work as in slurm/stage1.sh (overrides: sbatch options or SBATCH_* variables).
 #
 #SBATCH --job-name=dser-stage2
@@ -37,8 +37,8 @@ if (($# < 3)) || [[ $1 == -* || $2 == -* || $3 == -* ]]; then
 fi
 run_dir=$1 config=$2 init_from=$3
 shift 3
-if [[ ! -f $init_from/metrics.json ]]; then
-  echo "dser: error: stage-1 run $init_from has not finished (no metrics.json): run stage 1 first" >&2
+if [[ $(dser_run_status "$init_from") != finished ]]; then
+  echo "dser: error: stage-1 run $init_from has not finished (no finished.json): run stage 1 first" >&2
   exit 2
 fi
 dser_train_job 2 "$run_dir" --config "$config" --init-from "$init_from" "$@"

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dser.config import knob
+from dser.schema import IGNORE_INDEX  # the batch contract's: one definition
 
 TASKS = ("categorical", "dimensional", "both")
-IGNORE_INDEX = -100
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
 
 

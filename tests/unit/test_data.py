@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 
 import dser.data as data
-from dser.data import (BatchStream, DataError, LoaderConfig, bucket_by_length, collate, cut_batches,
+from dser.data import (BatchStream, DataError, LoaderConfig, TrainStream, bucket_by_length, collate, cut_batches,
                        make_loader, resolve_shards)
 from dser.labels import get_label_set
 from fixtures_shards import write_test_shards
@@ -236,6 +236,52 @@ def test_batch_stream_fails_when_a_rank_gets_no_clips(tmp_path):
     cfg = LoaderConfig(shards=[str(tmp_path)], require=None, styles=["natural"], train=True, num_workers=0)
     with pytest.raises(DataError, match="got no training clips"):
         next(iter(BatchStream(cfg)))
+
+
+
+def test_train_stream_mixes_rehearsal_at_its_share_and_resumes_exactly(tmp_path):
+    write_test_shards(tmp_path / "target", 24, 2, durations=(0.3, 1.0))
+    write_test_shards(tmp_path / "source", 18, 2, durations=(0.3, 1.0), prefix="src-", seed=4)
+    main = LoaderConfig(shards=[str(tmp_path / "target")], require=None, train=True, max_batch_seconds=2.0,
+                        shuffle_buffer=8, bucket_buffer=8, num_workers=0)
+    rehearsal = replace(main, shards=[str(tmp_path / "source")], seed=1)
+    stream = TrainStream(main, rehearsal, share=0.3, seed=5)
+    # the choice of stream is a function of (seed, batch number) alone, at the share
+    picks = [stream.source(n) for n in range(20000)]
+    assert abs(picks.count("rehearsal") / len(picks) - 0.3) < 0.01
+    assert picks == [TrainStream(main, rehearsal, 0.3, 5).source(n) for n in range(20000)]
+    assert picks != [TrainStream(main, rehearsal, 0.3, 6).source(n) for n in range(20000)]
+    assert {TrainStream(main, None, 0.3, 5).source(n) for n in range(100)} == {"main"}  # no rehearsal set
+
+    taken, states = [], []
+    for _ in range(30):  # several epochs of each stream
+        taken.append(stream.next())
+        states.append(stream.state_dict())
+    got = ["rehearsal" if b["utt_id"][0].startswith("src-") else "main" for b in taken]
+    assert got == picks[:30]
+    assert all(u.startswith("src-") == (g == "rehearsal") for b, g in zip(taken, got) for u in b["utt_id"])
+    assert states[-1]["drawn"] == 30 and states[-1]["pos"]["rehearsal"][0] >= 1  # a rehearsal epoch ended
+    # each stream alone is the BatchStream it wraps
+    alone = iter(BatchStream(rehearsal))
+    assert signature([b for b, g in zip(taken, got) if g == "rehearsal"]) == \
+        signature([next(alone) for _ in range(got.count("rehearsal"))])
+    for k in (0, 9, 17):
+        again = TrainStream(main, rehearsal, 0.3, 5).load_state_dict(states[k])
+        assert signature([again.next() for _ in range(29 - k)]) == signature(taken[k + 1:]), f"after batch {k}"
+
+
+def test_train_stream_never_returns_an_empty_batch_and_keeps_the_bad_samples(tmp_path):
+    write_test_shards(tmp_path, 12, 2, durations=(0.5, 0.5), corrupt={0, 1, 2, 3, 4, 5})
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, max_batch_seconds=1.0,
+                       num_workers=0, skip_damaged_shards=True)
+    plain = read_all(cfg)
+    assert any(not b["utt_id"] for b in plain)  # the loader's own batches include empty ones
+    stream = TrainStream(cfg)
+    batches = [stream.next() for _ in range(len([b for b in plain if b["utt_id"]]))]
+    assert all(b["utt_id"] for b in batches)
+    assert sorted(u for b in batches for u in b["utt_id"]) == sorted(u for b in plain for u in b["utt_id"])
+    assert len(stream.bad_samples) == 6 == sum(len(b["bad_samples"]) for b in batches)
+    assert stream.state_dict()["bad_samples"] == stream.bad_samples
 
 
 # ---- ranks and workers -----------------------------------------------------------------
@@ -522,3 +568,25 @@ def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path,
     (line,) = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
     assert line.startswith(f"{tmp_path}/fold0: epoch 0 read 6 of the 10 samples its index lists (0 unreadable")
     assert "4 never seen" in line
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_shards_at_another_rate_are_resampled_to_the_loaders(tmp_path, rate):
+    import soxr
+
+    records = write_test_shards(tmp_path, 12, 2, sample_rate=rate, durations=(0.3, 1.0))
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, num_workers=0)
+    batches = read_all(cfg)
+    want = {r["utt_id"]: soxr.resample(r["audio"].astype(np.float32) / 32768, rate, SR, quality="HQ")
+            for r in records}
+    got = {}
+    for b in batches:
+        assert not b["bad_samples"]
+        for i, u in enumerate(b["utt_id"]):
+            got[u] = b["audio"][i, :int(b["lengths"][i])].numpy()
+    assert got.keys() == want.keys()
+    for u, x in got.items():
+        assert abs(len(x) - len(want[u])) <= 1 and abs(len(x) - round(by_utt(records)[u]["duration"] * SR)) <= 1
+        n = min(len(x), len(want[u]))
+        np.testing.assert_allclose(x[:n], want[u][:n], atol=1e-6)
+    assert sum(b["duration_s"] for b in batches) == pytest.approx(sum(r["duration"] for r in records), abs=1e-3)

@@ -404,7 +404,8 @@ def test_nothing_to_shard_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(sample_rate=0), "--sample-rate"), (dict(max_shard_mb=0), "--max-shard-mb"),
+    (dict(sample_rate=0), "--sample-rate"), (dict(sample_rate=12345), "--sample-rate must be one of 8000, 16000"),
+    (dict(max_shard_mb=0), "--max-shard-mb"),
     (dict(max_shard_samples=0), "--max-shard-samples"), (dict(min_duration=-1), "--min-duration"),
     (dict(workers=0), "--workers"),
 ])
