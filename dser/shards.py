@@ -366,8 +366,39 @@ def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Ite
         return
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with _signals_held() as held:
+        pool = ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(os.getpid(),))
+    with pool:
+        held.deliver()  # a signal during start-up stops here, where leaving the block terminates the pool
         yield from pool.imap(_encode, tasks, chunksize=4)
+
+
+class _signals_held:
+    """Hold SIGINT and SIGTERM while a pool starts; ``deliver()`` raises the first one after.
+
+    A signal while ``Pool()`` starts its workers (KeyboardInterrupt, ``Stopped``) would cut a
+    worker's start-up data short, and ``Pool`` cleans up only after an ``Exception``: the
+    half-started workers printed tracebacks after the sharder's last line. Held signals go to
+    the handlers they were meant for, once the pool exists and the ``with pool`` block can
+    terminate it. Outside the main thread (no handlers can be set) nothing is held.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "_signals_held":
+        self.got: list[int] = []
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, lambda signum, _frame: self.got.append(signum)) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def deliver(self) -> None:
+        if self.got:
+            signal.raise_signal(self.got[0])
 
 
 # ───────────────────────────── writing (main process) ─────────────────────────────

@@ -15,9 +15,12 @@ Launch::
     deepspeed dser/train.py --resume runs/demo-stage1-20261124-010203      # continue a run
     dser train --stage 1 --ranks 2                            # the same through the CLI
 
-The recipe reads top to bottom: setup (config, process group, run dir, data, model, engine,
-resume) → train loop (written out: forward, loss, backward, step, log, evaluate, checkpoint) →
-final evaluation, metrics.json and export. DeepSpeed does backward and step.
+``main`` checks the config (before any process group), starts the process group and runs a
+``Recipe``: ``setup()`` (precision, run directory, model, engine, resume, data, logging) →
+``train()`` (the loop, written out: ``train_step`` per batch, log, evaluate, checkpoint) →
+``finish()`` (best weights, every test set, metrics.json, the export, finished.json last) →
+``cleanup()``. ``TrainState`` is everything a resume needs besides DeepSpeed's own files.
+DeepSpeed does backward and step; ``dser.rundir`` owns the run directory's layout.
 """
 
 from __future__ import annotations

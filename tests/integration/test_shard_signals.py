@@ -102,3 +102,35 @@ def test_signal_to_the_sharder_kills_every_worker(tmp_path, signum):
     last = err.decode().strip().splitlines()[-1]
     assert last.startswith(f"dser shard: stopped by {signum.name}"), err.decode()
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_workers_start_leaves_no_worker_traceback(tmp_path, signum):
+    # The pool's start-up, cut short: before, half-started workers printed EOFError tracebacks
+    # after the sharder's last line (Pool cleans up only after an Exception).
+    manifest = _corpus(tmp_path / "corpus", clips=8, seconds=0.5)
+    for attempt in range(3):
+        out = tmp_path / f"shards{attempt}" / "demo"
+        proc = subprocess.Popen([str(DSER), "shard", "manifest", str(manifest), str(out), "--workers", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while not _workers(proc.pid):
+                assert proc.poll() is None, f"dser shard ended before the signal: {proc.communicate()}"
+                assert time.monotonic() < deadline, "no worker ever started"
+                time.sleep(0.005)
+            children = _children(proc.pid)
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        time.sleep(0.5)  # a worker's traceback would come after the sharder's exit
+        assert not {p for p in children if _alive(p)}
+        err = err.decode()
+        assert proc.returncode == 128 + signum, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"dser shard: stopped by {signum.name}"), err
+        assert not out.exists() and not list(out.parent.glob(".demo.partial-*"))

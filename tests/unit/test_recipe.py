@@ -241,6 +241,16 @@ def test_run_trains_to_the_end_and_writes_metrics_export_and_finished_json_with_
     assert all(h == hashlib.sha256(Path(f).read_bytes()).hexdigest() for f, h in p["shard_indexes"].items())
     assert p["git_commit"] is None or len(p["git_commit"].removesuffix("+dirty")) == 40
 
+    # the loss's parts reach TensorBoard beside the loss (categorical: its cross-entropy, the same numbers)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "train/loss/ce" in acc.Tags()["scalars"] and "train/loss/ccc_loss" not in acc.Tags()["scalars"]
+    loss, ce = ([(e.step, e.value) for e in acc.Scalars(t)] for t in ("train/loss", "train/loss/ce"))
+    assert [s for s, _ in ce] == [s for s, _ in loss] == [2, 4, 6]
+    assert [v for _, v in ce] == pytest.approx([v for _, v in loss])
+
 
 def test_a_crash_between_metrics_and_export_leaves_an_unfinished_run_that_resumes(process_group, shards, tmp_path,
                                                                                monkeypatch):
