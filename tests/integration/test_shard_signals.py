@@ -24,6 +24,13 @@ pytestmark = pytest.mark.integration
 DSER = Path(sys.executable).with_name("dser")
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """In the child, before exec: SIGINT handled as Ctrl-C delivers it. A suite started in the
+    background (`make test &` in a script) ignores SIGINT, and an ignored signal is inherited:
+    dser shard would then rightly ignore it too, and these tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _corpus(root: Path, clips: int = 120, seconds: float = 5.0) -> Path:
     """A manifest of 44.1 kHz stereo clips: resampled and down-mixed, so encoding takes seconds."""
     rng = np.random.default_rng(0)
@@ -73,6 +80,7 @@ def test_signal_to_the_sharder_kills_every_worker(tmp_path, signum):
     manifest = _corpus(tmp_path / "corpus")
     out = tmp_path / "shards" / "demo"
     proc = subprocess.Popen([str(DSER), "shard", "manifest", str(manifest), str(out), "--workers", "2"],
+                            preexec_fn=_sigint_as_from_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -113,7 +121,7 @@ def test_a_signal_while_the_workers_start_leaves_no_worker_traceback(tmp_path, s
     for attempt in range(3):
         out = tmp_path / f"shards{attempt}" / "demo"
         proc = subprocess.Popen([str(DSER), "shard", "manifest", str(manifest), str(out), "--workers", "2"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_sigint_as_from_a_terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             deadline = time.monotonic() + 60
