@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
 import math
 import os
@@ -98,7 +97,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dser.labels import STYLES, LabelSet, get_label_set
-from dser.schema import (ATTRIBUTES, IGNORE_INDEX, INDEX_NAME, LABEL_KEYS, ShardError, ShardIndex,
+from dser.schema import (IGNORE_INDEX, INDEX_NAME, LABEL_KEYS, Sample, SampleError, ShardError, ShardIndex,
                          duration_matches)
 
 log = logging.getLogger(__name__)
@@ -604,25 +603,18 @@ class _Planner:
                 self.bad.append(f"{key}: no {key}.{missing} in {url}")
                 self.unreadable[url] = self.unreadable.get(url, 0) + 1
                 continue
-            try:
-                meta = json.loads(s["json"])
-                utt_id = str(meta.get("utt_id") or key)
-                duration = float(meta["duration"])
-                if not (math.isfinite(duration) and duration > 0):
-                    raise ValueError(f"duration {duration}")
-                missing = [k for k in LABEL_KEYS if k not in meta]
-                if missing:  # the shard contract has every label key (null when unlabelled)
-                    raise KeyError(f"no {', '.join(missing)}")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self.bad.append(f"{key}: unreadable {key}.json in {url} ({type(e).__name__}: {e})")
+            try:  # the shard contract has every label key (null when unlabelled)
+                meta = Sample.from_json(s["json"], required=LABEL_KEYS)
+            except SampleError as e:
+                self.bad.append(f"{key}: unreadable {key}.json in {url} (the JSON {e})")
                 self.unreadable[url] = self.unreadable.get(url, 0) + 1
                 continue
+            utt_id, duration = meta.utt_id or key, meta.duration
             self.read[url] = self.read.get(url, 0) + 1
-            if self.styles is not None and meta.get("style") not in self.styles:
+            if self.styles is not None and meta.style not in self.styles:
                 continue
-            emotion = cfg.label_set.index(meta.get("emotion")) if cfg.label_set is not None else None
-            attributes = tuple(float(v) if isinstance(v, (int, float)) else math.nan
-                               for v in (meta.get(a) for a in ATTRIBUTES))
+            emotion = cfg.label_set.index(meta.emotion) if cfg.label_set is not None else None
+            attributes = meta.attributes
             has_attrs = not any(math.isnan(v) for v in attributes)
             if cfg.require == "emotion" and emotion is None:
                 continue

@@ -23,6 +23,11 @@ padding included: ``shard_bytes[offset:offset + size]`` is a complete tar member
 can seek a sample without scanning the tar. ``attributes`` lists the attributes the sample
 has (not null); ``clipped`` counts the samples the sharder had to clip to 16-bit full scale.
 
+The sample JSON is a ``Sample`` and a table row a ``TableRow`` (frozen dataclasses): dser
+shard writes them (``Sample.encode``, ``TableRow.to_json``), the loader and ``dser verify``
+parse them (``from_json``), with the same checks (a missing key, a value of the wrong kind:
+``SampleError``, naming the key) and the same duration tolerance (``Sample.matches``).
+
 What a loader reads is what the index lists: ``ShardIndex.find(D)`` is the index that governs
 a directory given as a shard spec (``D/index.json`` for a corpus directory, ``D/../index.json``
 for a group directory), and ``ShardIndex.listed_files`` is every file dser wrote there.
@@ -34,9 +39,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dser.labels import ATTRIBUTES  # dimensional labels, each in [0, 1] or null
@@ -228,20 +234,23 @@ class ShardIndex:
     def table_path(self, group: str) -> Path:
         return self.out / self.group(group)["table"]["path"]
 
-    def table(self, group: str) -> list[dict]:
-        """A group's per-sample table, parsed.
+    def table(self, group: str) -> list[TableRow]:
+        """A group's per-sample table, parsed and checked (``TableRow.from_json``).
 
         Raises:
-            ShardError: the table is missing or a row does not parse.
+            ShardError: the table is missing, or a row does not parse or breaks the row's
+                contract (naming the line and the field).
         """
         path = self.table_path(group)
-        rows = []
+        rows, n = [], 0
         try:
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
-                    rows.append(json.loads(line))
+                    rows.append(TableRow.from_json(json.loads(line)))
         except FileNotFoundError as e:
             raise ShardError(f"{path}: missing; rewrite the shards with `{upgrade_command(self.data, self.out)}`") from e
+        except SampleError as e:
+            raise ShardError(f"{path}: line {n}: the row {e}; run `dser verify {self.out}`") from e
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ShardError(f"{path}: line {n} does not parse ({e}); run `dser verify {self.out}`") from e
         return rows
@@ -322,21 +331,213 @@ def scan_tar(path: Path) -> list[dict]:
     return members
 
 
-def table_row(meta: dict, key: str, shard: str, flac: tuple[int, int], json_: tuple[int, int],
-              clipped: int) -> dict:
-    """One row of the per-sample table (``TABLE_FIELDS``), from a sample's labels."""
-    return {"utt_id": meta["utt_id"], "key": key, "speaker": meta.get("speaker"),
-            "emotion": meta.get("emotion"), "style": meta.get("style"),
-            "attributes": [a for a in ATTRIBUTES if meta.get(a) is not None],
-            "duration": meta["duration"], "clipped": clipped, "shard": shard,
-            "flac": list(flac), "json": list(json_)}
+class SampleError(ValueError):
+    """A sample JSON or a table row that breaks this contract; the message names the key."""
 
 
-def encode_table(rows: list[dict]) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=False).encode("utf-8") + b"\n" for r in rows)
+# The sample JSON's keys in the order dser shard writes them: a Record's fields, then the
+# corpus's own, then ``duration``.
+_SAMPLE_ORDER = ("utt_id", "corpus", "group", "speaker", "gender", "emotion", "emotion_raw", *ATTRIBUTES, "style")
+_TEXT_FIELDS = ("utt_id", "corpus", "group", "gender", "emotion", "emotion_raw", "style")
 
 
-def group_summary(rows: list[dict]) -> dict:
+def _plain(value):
+    """A numpy scalar (a reader's extra fields, a rescaled attribute) as the Python number it holds."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_default(value):
+    """What ``json.dumps`` cannot write itself: numpy scalars and paths in a reader's extra fields."""
+    plain = _plain(value)
+    if plain is not value:
+        return plain
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The sample JSON beside each ``<key>.flac`` (``SAMPLE_FIELDS``, then the corpus's own).
+
+    ``dser shard`` writes it (``encode``), the loader and ``dser verify`` read it
+    (``from_json``): one parser, one set of checks, one duration tolerance (``matches``).
+
+    Attributes:
+        utt_id: the utterance id (None only in a loose tar from another tool; the loader then
+            uses the member key).
+        duration: the stored audio's length in seconds (positive).
+        corpus, group, speaker, gender, emotion, emotion_raw, style: text or None.
+        valence, arousal, dominance: numbers (in [0, 1] as dser writes them) or None.
+        extra: the corpus's own fields (IEMOCAP's dialog and times, …), kept verbatim.
+    """
+
+    utt_id: str | None
+    duration: float
+    corpus: str | None = None
+    group: str | None = None
+    speaker: str | None = None
+    gender: str | None = None
+    emotion: str | None = None
+    emotion_raw: str | None = None
+    valence: float | None = None
+    arousal: float | None = None
+    dominance: float | None = None
+    style: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict, required: tuple[str, ...] = SAMPLE_FIELDS) -> "Sample":
+        """Parse and check a sample JSON.
+
+        Args:
+            raw: the JSON member's bytes (or text, or the parsed object).
+            required: keys that must be present (null allowed where the field allows it);
+                ``duration`` always is. ``SAMPLE_FIELDS`` (verify, the writer) or
+                ``LABEL_KEYS`` (the loader, which also reads other tools' tars).
+
+        Raises:
+            SampleError: not JSON, not an object, a required key missing, or a value of the
+                wrong kind (naming the key and the value).
+        """
+        data = raw
+        if isinstance(raw, (bytes, bytearray, str)):
+            try:
+                data = json.loads(raw)
+            except (UnicodeDecodeError, ValueError) as e:
+                raise SampleError(f"does not parse as JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise SampleError(f"is a JSON {type(data).__name__}, not an object")
+        missing = [k for k in dict.fromkeys((*required, "duration")) if k not in data]
+        if missing:
+            raise SampleError(f"lacks {', '.join(missing)}")
+        values = {k: _plain(data.get(k)) for k in _SAMPLE_ORDER}
+        duration = _plain(data["duration"])
+        if not (_is_number(duration) and duration > 0):
+            raise SampleError(f"duration {duration!r} is not a positive number of seconds")
+        for k in _TEXT_FIELDS:
+            if values[k] is not None and not isinstance(values[k], str):
+                raise SampleError(f"{k} {values[k]!r} is neither text nor null")
+        speaker = values["speaker"]
+        if speaker is not None and not isinstance(speaker, str):
+            if not isinstance(speaker, int) or isinstance(speaker, bool):
+                raise SampleError(f"speaker {speaker!r} is neither text nor null")
+            values["speaker"] = str(speaker)  # other tools write numeric speaker ids
+        for a in ATTRIBUTES:
+            if values[a] is not None and not _is_number(values[a]):
+                raise SampleError(f"{a} {values[a]!r} is neither a number nor null")
+        extra = {k: v for k, v in data.items() if k not in _SAMPLE_ORDER and k != "duration"}
+        return cls(duration=duration, extra=extra, **values)
+
+    def to_json(self) -> dict:
+        """The JSON object, keys in the order dser shard writes them."""
+        out = {k: getattr(self, k) for k in _SAMPLE_ORDER}
+        out.update(self.extra)
+        out["duration"] = self.duration
+        return out
+
+    def encode(self) -> bytes:
+        """The UTF-8 JSON member (numpy scalars in ``extra`` as plain numbers)."""
+        return json.dumps(self.to_json(), ensure_ascii=False, default=_json_default).encode("utf-8")
+
+    @property
+    def attributes(self) -> tuple[float, ...]:
+        """``ATTRIBUTES``' values, NaN where null."""
+        return tuple(math.nan if v is None else float(v) for v in (getattr(self, a) for a in ATTRIBUTES))
+
+    @property
+    def labelled_attributes(self) -> list[str]:
+        """The attributes this sample has (not null), in ``ATTRIBUTES`` order."""
+        return [a for a in ATTRIBUTES if getattr(self, a) is not None]
+
+    def matches(self, samples: int, sample_rate: int) -> bool:
+        """Whether ``samples`` of audio at ``sample_rate`` last ``duration`` (``DURATION_TOLERANCE_S``)."""
+        return duration_matches(samples, self.duration, sample_rate)
+
+
+def _span(value, key: str) -> tuple[int, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise SampleError(f"{key} {value!r} is not [offset, size]")
+    return int(value[0]), int(value[1])
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of a group's per-sample table (``samples.jsonl``); the layout in this module's
+    docstring. ``dser shard`` writes it (``of``, ``to_json``), ``dser verify`` reads it
+    (``ShardIndex.table``) and compares it with the row the tars give."""
+
+    utt_id: str
+    key: str
+    speaker: str | None
+    emotion: str | None
+    style: str | None
+    attributes: tuple[str, ...]
+    duration: float
+    clipped: int
+    shard: str
+    flac: tuple[int, int]
+    json: tuple[int, int]
+
+    @classmethod
+    def of(cls, sample: Sample, key: str, shard: str, flac: tuple[int, int], json_: tuple[int, int],
+           clipped: int) -> "TableRow":
+        """The row of a sample stored as ``key`` in ``shard``, its members at ``flac`` and ``json_``."""
+        return cls(utt_id=sample.utt_id or key, key=key, speaker=sample.speaker, emotion=sample.emotion,
+                   style=sample.style, attributes=tuple(sample.labelled_attributes), duration=sample.duration,
+                   clipped=int(clipped), shard=shard, flac=_span(list(flac), "flac"), json=_span(list(json_), "json"))
+
+    @classmethod
+    def from_json(cls, data) -> "TableRow":
+        """A parsed table line, checked.
+
+        Raises:
+            SampleError: not an object, a field missing or unknown, or a value of the wrong kind.
+        """
+        if not isinstance(data, dict):
+            raise SampleError(f"is a JSON {type(data).__name__}, not an object")
+        missing = [k for k in TABLE_FIELDS if k not in data]
+        if missing:
+            raise SampleError(f"lacks {', '.join(missing)}")
+        unknown = [k for k in data if k not in TABLE_FIELDS]
+        if unknown:
+            raise SampleError(f"has unknown fields {', '.join(unknown)}")
+        for k in ("utt_id", "key", "shard"):
+            if not isinstance(data[k], str):
+                raise SampleError(f"{k} {data[k]!r} is not text")
+        for k in ("speaker", "emotion", "style"):
+            if data[k] is not None and not isinstance(data[k], str):
+                raise SampleError(f"{k} {data[k]!r} is neither text nor null")
+        attributes = data["attributes"]
+        if not isinstance(attributes, list) or not set(attributes) <= set(ATTRIBUTES):
+            raise SampleError(f"attributes {attributes!r} is not a list of {', '.join(ATTRIBUTES)}")
+        if not (_is_number(data["duration"]) and data["duration"] > 0):
+            raise SampleError(f"duration {data['duration']!r} is not a positive number of seconds")
+        clipped = data["clipped"]
+        if not isinstance(clipped, int) or isinstance(clipped, bool) or clipped < 0:
+            raise SampleError(f"clipped {clipped!r} is not a count")
+        return cls(**{**data, "attributes": tuple(attributes), "flac": _span(data["flac"], "flac"),
+                      "json": _span(data["json"], "json")})
+
+    def to_json(self) -> dict:
+        """The table line's object (``TABLE_FIELDS`` order; lists where JSON has arrays)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(attributes=list(self.attributes), flac=list(self.flac), json=list(self.json))
+        return out
+
+
+def encode_table(rows: list[TableRow]) -> bytes:
+    return b"".join(json.dumps(r.to_json(), ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
+
+
+def group_summary(rows: list[TableRow]) -> dict:
     """The counts ``index.json`` states for a group, from its table rows: speakers (clips per
     speaker), emotion × style, attributes per style (each attribute, and ``all`` three),
     clipped samples (total, and clips with any)."""
@@ -345,18 +546,18 @@ def group_summary(rows: list[dict]) -> dict:
     attributes: dict[str, dict[str, int]] = {}
     clipped = {"samples": 0, "clips": 0}
     for r in rows:
-        spk = "null" if r["speaker"] is None else str(r["speaker"])
+        spk = "null" if r.speaker is None else str(r.speaker)
         speakers[spk] = speakers.get(spk, 0) + 1
-        emo = "null" if r["emotion"] is None else r["emotion"]
-        style = "null" if r["style"] is None else r["style"]
+        emo = "null" if r.emotion is None else r.emotion
+        style = "null" if r.style is None else r.style
         per = emotion_style.setdefault(emo, {})
         per[style] = per.get(style, 0) + 1
         attrs = attributes.setdefault(style, {**{a: 0 for a in ATTRIBUTES}, "all": 0})
-        for a in r["attributes"]:
+        for a in r.attributes:
             attrs[a] += 1
-        attrs["all"] += len(r["attributes"]) == len(ATTRIBUTES)
-        clipped["samples"] += r["clipped"]
-        clipped["clips"] += r["clipped"] > 0
+        attrs["all"] += len(r.attributes) == len(ATTRIBUTES)
+        clipped["samples"] += r.clipped
+        clipped["clips"] += r.clipped > 0
     return {"speakers": dict(sorted(speakers.items())),
             "emotion_style": {e: dict(sorted(s.items())) for e, s in sorted(emotion_style.items())},
             "attributes": dict(sorted(attributes.items())),

@@ -67,7 +67,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import re
@@ -92,8 +91,8 @@ import soxr
 from dser import __version__
 from dser.corpora import Listing, Record, Skip
 from dser.labels import EMOTIONS, STYLES
-from dser.schema import (FORMAT, INDEX_NAME, SAMPLE_RATES, TABLE_NAME, ShardError, ShardIndex, encode_table, fresh_dir,
-                         group_summary, read_index_json, sha256_file, table_row, upgrade_command)
+from dser.schema import (FORMAT, INDEX_NAME, SAMPLE_RATES, TABLE_NAME, Sample, ShardError, ShardIndex, TableRow,
+                         encode_table, fresh_dir, group_summary, read_index_json, sha256_file, upgrade_command)
 
 __all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "Stopped", "build_shards", "shard_key"]
 
@@ -432,14 +431,13 @@ class _TarShardWriter:
         self.group: str | None = None
         self.shards: dict[str, list[dict]] = {}  # group → index entries of its closed shards
         self.records: dict[str, list[Record]] = {}  # group → records written
-        self.rows: dict[str, list[dict]] = {}  # group → per-sample table rows
+        self.rows: dict[str, list[TableRow]] = {}  # group → per-sample table rows
         self.tables: dict[str, dict] = {}  # group → index entry of its written table
 
     def add(self, record: Record, flac: bytes, duration: float, clipped: int = 0) -> None:
         key = shard_key(record.utt_id)
-        labels = record.labels()
-        labels["duration"] = duration
-        meta = json.dumps(labels, ensure_ascii=False, default=_json_scalar).encode("utf-8")
+        sample = Sample.from_json({**record.labels(), "duration": duration})
+        meta = sample.encode()
         members = [(_member(f"{key}.flac", len(flac)), flac), (_member(f"{key}.json", len(meta)), meta)]
         if record.group != self.group:
             self._close()
@@ -458,7 +456,7 @@ class _TarShardWriter:
         self.current["samples"] += 1
         self.current["seconds"] += duration
         self.records[record.group].append(record)
-        self.rows[record.group].append(table_row(labels, key, Path(self.current["path"]).name, *spans, clipped))
+        self.rows[record.group].append(TableRow.of(sample, key, Path(self.current["path"]).name, *spans, clipped))
 
     def _would_overflow(self, members) -> bool:
         if self.max_samples is not None and self.current["samples"] >= self.max_samples:
@@ -521,15 +519,6 @@ class _TarShardWriter:
         if self.tar is not None:
             self.file.close()
             self.tar = None
-
-
-def _json_scalar(value):
-    """numpy scalars (a reader's extra fields) as plain JSON numbers."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 # ───────────────────────────── the build ─────────────────────────────

@@ -22,14 +22,13 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dser.data import decode_flac
-from dser.schema import (INDEX_NAME, SAMPLE_FIELDS, ShardError, ShardIndex, duration_matches, group_summary,
-                         table_row, unlisted_files)
+from dser.schema import (INDEX_NAME, SAMPLE_FIELDS, Sample, SampleError, ShardError, ShardIndex, TableRow,
+                         group_summary, unlisted_files)
 
 
 @dataclass
@@ -46,30 +45,24 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_sample(shard: Path, key: str, parts: dict[str, bytes], sample_rate: int) -> tuple[list[str], float, dict | None]:
-    """Problems of one sample, its decoded duration in seconds, and its parsed JSON."""
+def _check_sample(shard: Path, key: str, parts: dict[str, bytes], sample_rate: int) -> tuple[list[str], float, Sample | None]:
+    """Problems of one sample, its decoded duration in seconds, and its JSON (None: unreadable)."""
     where = f"{shard}:{key}"
     problems = [f"{where}: no .{ext} member" for ext in ("flac", "json") if ext not in parts]
     meta, seconds = None, 0.0
     if "json" in parts:
         try:
-            meta = json.loads(parts["json"])
-            missing = [k for k in SAMPLE_FIELDS if k not in meta]
-            if missing:
-                problems.append(f"{where}: JSON lacks {', '.join(missing)}")
-                meta = None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(f"{where}: JSON does not parse ({e})")
-            meta = None
+            meta = Sample.from_json(parts["json"], required=SAMPLE_FIELDS)
+        except SampleError as e:
+            problems.append(f"{where}: JSON {e}")
     if "flac" in parts:
         try:
             seconds = len(decode_flac(parts["flac"], sample_rate)) / sample_rate
         except ValueError as e:
             problems.append(f"{where}: {e}")
             return problems, 0.0, meta
-        if meta and isinstance(meta.get("duration"), (int, float)) and \
-                not duration_matches(round(seconds * sample_rate), meta["duration"], sample_rate):
-            problems.append(f"{where}: audio lasts {seconds:.4f} s, its JSON says {meta['duration']:.4f} s")
+        if meta is not None and not meta.matches(round(seconds * sample_rate), sample_rate):
+            problems.append(f"{where}: audio lasts {seconds:.4f} s, its JSON says {meta.duration:.4f} s")
     return problems, seconds, meta
 
 
@@ -118,7 +111,7 @@ def verify_shards(out: Path, progress: bool = True) -> VerifyReport:
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(entries), desc="verify", unit="shard")
-    rows_found: dict[str, list[dict]] = {g: [] for g in index.groups}  # table rows as the tars say
+    rows_found: dict[str, list[TableRow]] = {g: [] for g in index.groups}  # table rows as the tars say
     for group, entry in entries:
         shard = index.out / entry["path"]
         report.shards += 1
@@ -135,8 +128,8 @@ def verify_shards(out: Path, progress: bool = True) -> VerifyReport:
             report.problems.extend(problems)
             seconds += s
             if meta is not None and set(sample["spans"]) >= {"flac", "json"}:
-                rows_found[group].append(table_row(meta, key, shard.name, sample["spans"]["flac"],
-                                                   sample["spans"]["json"], 0))
+                rows_found[group].append(TableRow.of(meta, key, shard.name, sample["spans"]["flac"],
+                                                     sample["spans"]["json"], 0))
         report.samples += len(samples)
         report.seconds += seconds
         if len(samples) != entry["samples"]:
@@ -151,7 +144,7 @@ def verify_shards(out: Path, progress: bool = True) -> VerifyReport:
     return report
 
 
-def _check_group(index: ShardIndex, group: str, found: list[dict]) -> list[str]:
+def _check_group(index: ShardIndex, group: str, found: list[TableRow]) -> list[str]:
     """The group's table against the rows its tars give, and its stated counts against the table."""
     entry = index.group(group)
     problems: list[str] = []
@@ -160,29 +153,26 @@ def _check_group(index: ShardIndex, group: str, found: list[dict]) -> list[str]:
     except ShardError as e:
         return [str(e)]
     table = index.table_path(group)
-    by_id = {r.get("utt_id"): r for r in rows}
+    by_id = {r.utt_id: r for r in rows}
     for want in found:
-        row = by_id.get(want["utt_id"])
+        row = by_id.get(want.utt_id)
         if row is None:
-            problems.append(f"{table}: no row for {want['utt_id']!r} (in {want['shard']})")
+            problems.append(f"{table}: no row for {want.utt_id!r} (in {want.shard})")
             continue
-        for k, v in want.items():
-            if k != "clipped" and row.get(k) != v:
-                problems.append(f"{table}: {want['utt_id']!r} has {k} {row.get(k)!r}, the shard says {v!r}")
-    found_ids = {r["utt_id"] for r in found}
-    problems.extend(f"{table}: row {r.get('utt_id')!r} names no sample in the shards" for r in rows
-                    if r.get("utt_id") not in found_ids)
-    if [r.get("utt_id") for r in rows if r.get("utt_id") in found_ids] != [r["utt_id"] for r in found]:
+        for k, v in want.to_json().items():
+            if k != "clipped" and row.to_json()[k] != v:
+                problems.append(f"{table}: {want.utt_id!r} has {k} {row.to_json()[k]!r}, the shard says {v!r}")
+    found_ids = {r.utt_id for r in found}
+    problems.extend(f"{table}: row {r.utt_id!r} names no sample in the shards" for r in rows
+                    if r.utt_id not in found_ids)
+    if [r.utt_id for r in rows if r.utt_id in found_ids] != [r.utt_id for r in found]:
         problems.append(f"{table}: rows are not in shard order")
     where = f"{index.out / INDEX_NAME}: group {group}"
     _compare(f"{where} samples", entry["samples"], len(rows), problems)
     _compare(f"{where} table rows", entry["table"].get("rows"), len(rows), problems)
     _compare(f"{where} samples (sum over its shards)", sum(s["samples"] for s in entry["shards"]), len(rows), problems)
     _compare(f"{where} hours", entry["hours"], round(sum(s["seconds"] for s in entry["shards"]) / 3600, 6), problems)
-    try:
-        summary = group_summary(rows)
-    except (KeyError, TypeError) as e:
-        return [*problems, f"{table}: a row lacks a field ({e})"]
+    summary = group_summary(rows)
     for key in ("speakers", "emotion_style", "attributes", "clipped"):
         _compare(f"{where} {key}", entry.get(key), summary[key], problems)
     emotions = {e: sum(per.values()) for e, per in summary["emotion_style"].items()}

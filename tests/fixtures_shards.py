@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import webdataset as wds
 
-from dser.schema import encode_table, group_summary, scan_tar, sha256_file, table_row
+from dser.schema import Sample, TableRow, encode_table, group_summary, scan_tar, sha256_file
 
 DEFAULT_EMOTIONS = ("neutral", "happy", "angry", "sad", "excited", "fear", None)
 
@@ -107,7 +107,8 @@ def write_test_shards(out: Path, n_samples: int, n_shards: int, *, group: str = 
         spans = {m["name"]: (m["offset"], m["size"]) for m in scan_tar(out / entry["path"])}
         for r in records[bounds[k]:bounds[k + 1]]:
             key = shard_key(r["utt_id"])
-            rows.append(table_row(r, key, Path(entry["path"]).name, spans[f"{key}.flac"], spans[f"{key}.json"], 0))
+            sample = Sample.from_json({k: v for k, v in r.items() if k != "audio"})
+            rows.append(TableRow.of(sample, key, Path(entry["path"]).name, spans[f"{key}.flac"], spans[f"{key}.json"], 0))
     table = encode_table(rows)
     (out / group / "samples.jsonl").write_bytes(table)
     old = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}

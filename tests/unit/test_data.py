@@ -559,7 +559,7 @@ def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path,
     shard = tmp_path / "fold0" / "fold0-000000.tar"
     data_ = bytearray(shard.read_bytes())
     members = data.ShardIndex.load(tmp_path).table("fold0")
-    cut = members[6]["flac"][0]  # the header of the 7th sample
+    cut = members[6].flac[0]  # the header of the 7th sample
     data_[cut:cut + 512] = b"\xff" * 512
     shard.write_bytes(bytes(data_))
     with caplog.at_level("WARNING", logger="dser.data"):

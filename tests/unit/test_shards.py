@@ -161,21 +161,21 @@ def test_index_records_files_counts_and_options(tmp_path):
         assert g["table"] == {"path": f"{name}/samples.jsonl", "sha256": hashlib.sha256(table).hexdigest(),
                               "bytes": len(table), "rows": len(recs)}
         rows = index.table(name)
-        assert [r["utt_id"] for r in rows] == [r.utt_id for r in recs]
+        assert [r.utt_id for r in rows] == [r.utt_id for r in recs]
         for row, rec in zip(rows, recs):
-            shard = (out / name / row["shard"]).read_bytes()
-            meta = read_shard(out / name / row["shard"])[row["key"]]["json"]
-            assert (row["speaker"], row["emotion"], row["style"]) == (rec.speaker, rec.emotion, rec.style)
-            assert row["duration"] == meta["duration"] and row["clipped"] == 0
-            assert row["attributes"] == [a for a in ("valence", "arousal", "dominance") if meta[a] is not None]
+            shard = (out / name / row.shard).read_bytes()
+            meta = read_shard(out / name / row.shard)[row.key]["json"]
+            assert (row.speaker, row.emotion, row.style) == (rec.speaker, rec.emotion, rec.style)
+            assert row.duration == meta["duration"] and row.clipped == 0
+            assert row.attributes == tuple(a for a in ("valence", "arousal", "dominance") if meta[a] is not None)
             for ext in ("flac", "json"):
-                offset, size = row[ext]
+                offset, size = getattr(row, ext)
                 with tarfile.open(fileobj=io.BytesIO(shard[offset:offset + size]), mode="r:") as one:
                     (member,) = one.getmembers()
-                    assert member.name == f"{row['key']}.{ext}"
+                    assert member.name == f"{row.key}.{ext}"
                     payload = one.extractfile(member).read()
-                with tarfile.open(out / name / row["shard"]) as whole:
-                    assert payload == whole.extractfile(f"{row['key']}.{ext}").read()
+                with tarfile.open(out / name / row.shard) as whole:
+                    assert payload == whole.extractfile(f"{row.key}.{ext}").read()
         speakers = {}
         for r in recs:
             speakers[r.speaker] = speakers.get(r.speaker, 0) + 1
