@@ -78,6 +78,7 @@ import glob
 import io
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -844,7 +845,25 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     generator = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, skip_batches))
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator,
                       prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+                      multiprocessing_context=worker_context() if workers > 0 else None,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How DataLoader workers start: forked from a forkserver, never from the rank itself.
+
+    A rank is a threaded process by the time it evaluates (gloo's transport threads, the
+    TensorBoard writer's thread on rank 0, CUDA's), and a fork copies only the calling thread:
+    a lock another thread held at that moment stays held in the child for ever. A forked worker
+    also inherits every open descriptor, the rendezvous store's listening socket among them: a
+    worker that hung that way outlived its killed rank and held the job's rendezvous port, so the
+    requeued job failed with EADDRINUSE on every restart. The forkserver is a fresh,
+    single-threaded interpreter (started once per process, ~1 s, with ``dser.data`` and torch
+    imported); each worker is a fork of it, and the dataset reaches it pickled.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["dser.data"])  # no effect once the server runs: it has them
+    return ctx
 
 
 class BatchStream:

@@ -5,8 +5,11 @@ import collections
 import io
 import json
 import math
+import os
 import random
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,6 +421,34 @@ def test_starting_a_loader_leaves_the_global_torch_rng_alone(tmp_path):
     torch.manual_seed(5)
     next(iter(make_loader(cfg, epoch=1, skip_batches=1)))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def pids_holding(link: str) -> set[int]:
+    """The processes with an open descriptor whose /proc link reads ``link``."""
+    pids = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == link for fd in fd_dir.iterdir()):
+                pids.add(int(fd_dir.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def test_workers_hold_none_of_the_ranks_descriptors(tmp_path):
+    # A rank listens on the rendezvous port (the TCPStore) and runs threads when it evaluates.
+    # Forked from it, a worker held that socket, outlived its killed rank, and the requeued job
+    # failed with EADDRINUSE on every restart: workers start from a clean forkserver instead.
+    write_test_shards(tmp_path, 12, 2)
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, max_batch_seconds=2.0, num_workers=2)
+    with socket.create_server(("127.0.0.1", 0)) as store:
+        link = f"socket:[{os.fstat(store.fileno()).st_ino}]"
+        batches = iter(make_loader(cfg))
+        next(batches)  # the workers run now
+        holders = pids_holding(link)
+        rest = list(batches)
+    assert holders == {os.getpid()}
+    assert rest, "the loader went on after the check"
 
 
 @pytest.mark.parametrize("kw, msg", [
