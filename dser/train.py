@@ -846,16 +846,19 @@ class Recipe:
         sig = torch.tensor([self.stop_signal or 0])
         dist.all_reduce(sig, op=dist.ReduceOp.MAX)  # the signal, even if it reached another rank
         sig = int(sig) or None
+        why = f"{signal.Signals(sig).name}{'' if self.stop_signal else ' (sent to another rank)'}" \
+            if by_signal else f"train.stop_after_steps={self.cfg.train.stop_after_steps}"
+        line = f"stopped at step {self.state.step} by {why}; resume with dser train --resume {self.run_dir}"
+        # Every rank is here, so every rank's save() returned. The stop file tells the launchers
+        # (dser train prints it again, last; slurm/launch.sh requeues only on it) that this was a
+        # stop at a checkpoint and not a rank's failure, whatever status srun reports.
+        if self.rank == 0 and os.environ.get("DSER_STOP_FILE"):
+            Path(os.environ["DSER_STOP_FILE"]).write_text(line + "\n")
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         dist.barrier()
-        why = f"{signal.Signals(sig).name}{'' if self.stop_signal else ' (sent to another rank)'}" \
-            if by_signal else f"train.stop_after_steps={self.cfg.train.stop_after_steps}"
-        line = f"stopped at step {self.state.step} by {why}; resume with dser train --resume {self.run_dir}"
         rank0_print(line)
-        if self.rank == 0 and os.environ.get("DSER_STOP_FILE"):  # dser train prints it again, last
-            Path(os.environ["DSER_STOP_FILE"]).write_text(line + "\n")
         return 128 + sig if by_signal else EXIT_STOPPED
 
     # ---- the end -------------------------------------------------------------------------

@@ -15,11 +15,14 @@
 #   (train.py --resume RUN_DIR, from checkpoints/latest). A finished RUN_DIR is left alone.
 # Preemption: #SBATCH --signal=USR1@… (or scancel --signal=USR1, or Slurm's SIGTERM) reaches
 #   every rank; each finishes its step, writes a checkpoint and exits 128 + the signal's number
-#   (138 for USR1, 143 for TERM); train.stop_after_steps stops the same way with 75. Those
-#   statuses mean "checkpointed before the end": the job requeues itself (scontrol requeue) and
-#   the restarted job resumes. 0 is a finished run (finished.json, which the recipe writes last:
-#   dser run-status RUN_DIR says "finished"); any other status a failure.
-#   DSER_MAX_REQUEUES (default 20) bounds the restarts.
+#   (138 for USR1, 143 for TERM); train.stop_after_steps stops the same way with 75. Rank 0
+#   then writes its "stopped at step N" line to DSER_STOP_FILE (a temporary file on this, the
+#   first, node): that line, with one of those statuses, means "checkpointed before the end",
+#   and the job requeues itself (scontrol requeue) and the restarted job resumes. The status
+#   alone does not: when one rank fails, srun ends the others with SIGTERM and may report 143,
+#   and a run that cannot start would requeue until DSER_MAX_REQUEUES. 0 is a finished run
+#   (finished.json, which the recipe writes last: dser run-status RUN_DIR says "finished"); any
+#   other outcome is a failure. DSER_MAX_REQUEUES (default 20) bounds the restarts.
 
 dser_train_job() {
   local stage=$1 run_dir=$2
@@ -61,11 +64,15 @@ dser_train_job() {
     "rendezvous $MASTER_ADDR:$MASTER_PORT; restart ${SLURM_RESTART_COUNT:-0}"
   echo "dser: train.py ${args[*]}"
 
+  local stop_file stopped=
+  stop_file=$(mktemp "${TMPDIR:-/tmp}/dser-stop.XXXXXX") || return 1
   # Slurm 22.05's srun does not inherit --cpus-per-task from sbatch: pass it on.
-  srun --kill-on-bad-exit=1 --ntasks="$tasks" --cpus-per-task="$cpus" \
+  DSER_STOP_FILE=$stop_file srun --kill-on-bad-exit=1 --ntasks="$tasks" --cpus-per-task="$cpus" \
     bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
     "$PY" -u "$DSER_TRAIN" "${args[@]}"
   local rc=$?
+  [[ -s $stop_file ]] && stopped=yes
+  rm -f "$stop_file"
   case $rc in
     0)
       if [[ $(dser_run_status "$run_dir") == finished ]]; then
@@ -75,7 +82,12 @@ dser_train_job() {
       echo "dser: stage $stage exited 0 without $run_dir/finished.json; $run_dir is kept: submit the same" \
         "job again to resume" >&2
       return 1 ;;
-    75 | 138 | 143) ;;   # stopped with a checkpoint (train.stop_after_steps, SIGUSR1, SIGTERM)
+    75 | 138 | 143)    # stopped with a checkpoint (train.stop_after_steps, SIGUSR1, SIGTERM)?
+      if [[ -z $stopped ]]; then
+        echo "dser: stage $stage failed (exit $rc, and no rank stopped at a checkpoint: one failed and srun" \
+          "ended the others; its error is above); $run_dir is kept: submit the same job again to resume" >&2
+        return "$rc"
+      fi ;;
     *)
       echo "dser: stage $stage failed (exit $rc); $run_dir is kept: submit the same job again to resume" >&2
       return "$rc" ;;

@@ -235,6 +235,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if daemon in self.started:
                 self._stop_pid(daemon, timeout=20.0)
                 self.started.remove(daemon)
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """Kill what the jobs left running once the daemons are gone, and say what it was.
+
+        Linux-process tracking finds a job's processes by their parents: a process whose parent
+        died first (a hung DataLoader worker of a killed rank) escapes ``scancel`` and would
+        keep whatever it holds, a rendezvous port the next test run's job of the same id needs.
+        Job processes are recognised by this cluster's ``SLURM_CONF`` in their environment.
+        """
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for proc in Path("/proc").glob("[0-9]*"):
+            pid = int(proc.name)
+            try:
+                if pid == os.getpid() or mark not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):  # gone meanwhile, or not ours
+                continue
+            print(f"slurm_cluster: killed pid {pid} left behind by a job: {cmd}", flush=True)
 
     def _stop_pid(self, daemon: str, timeout: float) -> None:
         pid_file = self.pid_files[daemon]

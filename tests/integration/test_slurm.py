@@ -13,6 +13,8 @@ ranks per training job (``--gpus-per-node=0 --ntasks-per-node=2``), a few steps.
 2. ``dser submit`` (stage 1 + dependent stage 2), with stage 1 preempted by SIGUSR1 halfway:
    it checkpoints, requeues itself and resumes; stage 2 starts only after it has finished.
 3. ``dser submit`` whose stage 1 fails: stage 2 never starts (cancelled, no run directory).
+3b. ``dser submit`` whose rank 0 cannot start (its rendezvous port is taken): the job fails at
+   once, with the error, instead of requeueing itself as if preempted.
 4. ``dser submit`` that sbatch refuses: one line naming the job, nothing queued.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -291,6 +294,29 @@ def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     rep = dser("report", "runs/broken", cwd=workdir, env=env)
     assert rep.returncode == 0, rep.stderr
     assert "runs not in the table (1)" in rep.stdout and "no metrics.json" in rep.stdout
+
+
+def test_a_rank_that_cannot_start_fails_the_job_at_once(slurm, workdir, demo_shards):
+    # Rank 0 cannot listen on the rendezvous port (held here): it exits 1 and srun ends rank 1
+    # with SIGTERM, which srun may report as 143, a preemption's status. No rank stopped at a
+    # checkpoint, so the job fails at once instead of requeueing itself until
+    # DSER_MAX_REQUEUES (kept low here so that a regression ends soon).
+    with socket.create_server(("", 0)) as held:
+        port = held.getsockname()[1]
+        env = job_env(slurm, workdir, MASTER_PORT=str(port), DSER_MAX_REQUEUES="2")
+        r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
+                 "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--runs-dir", "runs",
+                 "--name", "no-port", *[a for o in SHORT for a in ("--set", o)], "--wait", "--poll", "1",
+                 cwd=workdir, env=env)
+    assert r.returncode == 1, f"{r.stdout}\n{r.stderr}\n{logs(workdir)}"
+    ids = submitted_ids(r.stdout)
+    s1 = slurm.job(ids["stage 1"])
+    (log1,) = (workdir / "logs").glob(f"*-{ids['stage 1']}.out")
+    text = log1.read_text()
+    assert s1["JobState"] == "FAILED" and s1["Restarts"] == "0", (s1, text)
+    assert "EADDRINUSE" in text and "no rank stopped at a checkpoint" in text, text
+    assert "requeueing" not in text, text
+    assert slurm.job(ids["stage 2"])["JobState"] == "CANCELLED"
 
 
 def test_sbatch_refusal_is_one_line_naming_the_job(slurm, workdir):
