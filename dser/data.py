@@ -82,6 +82,9 @@ import multiprocessing
 import os
 import random
 import re
+import select
+import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -846,6 +849,7 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator,
                       prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
                       multiprocessing_context=worker_context() if workers > 0 else None,
+                      worker_init_fn=partial(_end_with_rank, os.getpid()) if workers > 0 else None,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
 
 
@@ -864,6 +868,38 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["dser.data"])  # no effect once the server runs: it has them
     return ctx
+
+
+def _end_with_rank(rank_pid: int, _worker_id: int) -> None:
+    """``worker_init_fn``: the worker exits as soon as the rank that made it has ended.
+
+    torch's own watchdog ends a worker whose *parent* changed, and a worker's parent is now the
+    forkserver, which outlives a killed rank for as long as any of its workers runs (each holds
+    the server's keep-alive pipe): without this, SIGKILL of a rank left its workers and the
+    server waiting for ever, holding the job's output pipe.
+    """
+    threading.Thread(target=_wait_then_exit, args=(rank_pid,), name="dser-rank-watch", daemon=True).start()
+
+
+def _wait_then_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # readable once the process has ended (Linux 5.3+)
+    except OSError:  # gone already (ProcessLookupError), or no pidfds here: poll
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([fd], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now has the pid: ours has ended
+        return False
+    return True
 
 
 class BatchStream:

@@ -8,6 +8,9 @@ import math
 import os
 import random
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -449,6 +452,51 @@ def test_workers_hold_none_of_the_ranks_descriptors(tmp_path):
         rest = list(batches)
     assert holders == {os.getpid()}
     assert rest, "the loader went on after the check"
+
+
+RANK_SCRIPT = """
+import sys, time
+from dser.data import LoaderConfig, make_loader
+cfg = LoaderConfig(shards=[sys.argv[1]], require=None, train=True, max_batch_seconds=2.0, num_workers=2)
+batches = iter(make_loader(cfg))
+next(batches)
+print("reading", flush=True)
+time.sleep(600)
+"""
+
+
+def pids_marked(mark: bytes) -> dict[int, str]:
+    """{pid: command line} of the processes whose environment holds ``mark``."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+    return found
+
+
+def test_the_workers_end_when_their_rank_is_killed(tmp_path):
+    # A worker's parent is the forkserver, which a killed rank leaves running while its workers
+    # run: they must notice the rank itself, or they wait for ever holding its output pipe.
+    write_test_shards(tmp_path, 12, 2)
+    mark = f"DSER_TEST_RANK={os.getpid()}-{tmp_path.name}"
+    rank = subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
+    try:
+        assert rank.stdout.readline() == "reading\n"
+        helpers = set(pids_marked(mark.encode())) - {rank.pid}
+        assert len(helpers) >= 3, helpers  # the forkserver and two workers (and a resource tracker)
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 30
+    while (left := pids_marked(mark.encode())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:  # do not leave them behind whatever the outcome
+        os.kill(pid, 9)
+    assert not left, f"still running after their rank was killed: {left}"
 
 
 @pytest.mark.parametrize("kw, msg", [
