@@ -79,10 +79,13 @@ import io
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import random
 import re
 import select
+import signal
 import threading
 import time
 import zlib
@@ -853,6 +856,10 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
 
 
+# What a rank stops on with a checkpoint (dser.train); the loader's helper processes block them.
+STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """How DataLoader workers start: forked from a forkserver, never from the rank itself.
 
@@ -864,21 +871,48 @@ def worker_context() -> multiprocessing.context.BaseContext:
     requeued job failed with EADDRINUSE on every restart. The forkserver is a fresh,
     single-threaded interpreter (started once per process, ~1 s, with ``dser.data`` and torch
     imported); each worker is a fork of it, and the dataset reaches it pickled.
+
+    Slurm signals every process of a job step: ``--signal=USR1@…`` and ``scancel --signal``
+    reach the workers, the forkserver and multiprocessing's resource tracker too, and SIGTERM
+    comes before the kill. The rank checkpoints on those; the others must live on until it has
+    (forked workers inherited the rank's handler; a fresh interpreter has the default: death).
+    So the server and the tracker start with them blocked, a mask that their forks, the workers,
+    inherit; blocked, not ignored, so a signal to the rank meanwhile waits for it and is not lost.
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["dser.data"])  # no effect once the server runs: it has them
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.resource_tracker.ensure_running()  # no-ops while they run
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the tracker's start unblocked SIGTERM
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return ctx
 
 
 def _end_with_rank(rank_pid: int, _worker_id: int) -> None:
-    """``worker_init_fn``: the worker exits as soon as the rank that made it has ended.
+    """``worker_init_fn``: the worker lives exactly as long as the rank that made it.
 
     torch's own watchdog ends a worker whose *parent* changed, and a worker's parent is now the
     forkserver, which outlives a killed rank for as long as any of its workers runs (each holds
-    the server's keep-alive pipe): without this, SIGKILL of a rank left its workers and the
-    server waiting for ever, holding the job's output pipe.
+    the server's keep-alive pipe): without a watch on the rank itself, SIGKILL of a rank left its
+    workers and the server waiting for ever, holding the job's output pipe.
+
+    The stop signals arrive blocked (``worker_context``) and wait in a thread of their own: the
+    rank's SIGTERM (multiprocessing's ``terminate()``, at its exit or the loader's shutdown) ends
+    the worker as it always did; anybody else's (Slurm's, a shell's), and USR1, are dropped, so
+    the worker serves its rank while the rank checkpoints.
     """
-    threading.Thread(target=_wait_then_exit, args=(rank_pid,), name="dser-rank-watch", daemon=True).start()
+    for watch in (_wait_then_exit, _take_stop_signals):
+        threading.Thread(target=watch, args=(rank_pid,), name=f"dser-{watch.__name__}", daemon=True).start()
+
+
+def _take_stop_signals(rank_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == rank_pid:
+            os._exit(128 + signal.SIGTERM)
 
 
 def _wait_then_exit(pid: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 import torch
@@ -497,6 +498,34 @@ def test_the_workers_end_when_their_rank_is_killed(tmp_path):
     for pid in left:  # do not leave them behind whatever the outcome
         os.kill(pid, 9)
     assert not left, f"still running after their rank was killed: {left}"
+
+
+def test_a_process_ends_with_its_loader_mid_epoch(tmp_path):
+    # At exit multiprocessing terminates (SIGTERM) the workers of a loader still being read and
+    # joins them: the rank's own SIGTERM must end a worker though others' are dropped.
+    write_test_shards(tmp_path, 12, 2)
+    script = RANK_SCRIPT.replace("time.sleep(600)", "")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "reading\n", r.stderr[-2000:]
+
+
+def test_stop_signals_leave_the_loader_running(tmp_path):
+    # Slurm signals every process of a job step (USR1 before a preemption, TERM before the
+    # kill): the rank checkpoints on them, and its workers must go on serving it meanwhile
+    # (only the rank's own SIGTERM, multiprocessing's terminate(), ends a worker).
+    write_test_shards(tmp_path, 30, 3)
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, max_batch_seconds=1.0, num_workers=2)
+    expected = [b["utt_id"] for b in read_all(cfg)]
+    batches = iter(make_loader(cfg))
+    got = [next(batches)["utt_id"]]
+    helpers = psutil.Process().children(recursive=True)  # the forkserver, its workers, the tracker
+    assert len(helpers) >= 3, helpers
+    for sig in data.STOP_SIGNALS:  # from another process, as from slurmstepd
+        subprocess.run(["kill", f"-{sig.value}", *(str(p.pid) for p in helpers)], check=True)
+    time.sleep(0.5)
+    assert [p for p in helpers if p.status() == psutil.STATUS_ZOMBIE or not p.is_running()] == []
+    got += [b["utt_id"] for b in batches]
+    assert got == expected
 
 
 @pytest.mark.parametrize("kw, msg", [
