@@ -36,7 +36,7 @@ from dser.model.adaptors.bottleneck import BottleneckConfig
 from dser.model.adaptors.lora import LoraConfig
 from dser.model.adaptors.weight_gating import WeightGatingConfig
 from dser.model.adaptors.weighted_sum import WeightedSumConfig
-from dser.model.backbone import REAL_CONFIGS, TINY_PRESETS, Backbone, BackboneConfig, load_backbone
+from dser.model.backbones import REAL_CONFIGS, TINY_PRESETS, Backbone, BackboneConfig, load_backbone
 from dser.model.head import TASKS, Head, HeadConfig
 
 log = logging.getLogger(__name__)

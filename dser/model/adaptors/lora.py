@@ -17,7 +17,7 @@ exported backbone would then differ from the public checkpoint and have to be sa
 
 Default targets are the family's attention projections (``backbone.lora_targets``: q/k/v/out,
 w2v-BERT's linear_q/k/v/out). WavLM's stock attention would bypass them (it passes the weights
-to ``F.multi_head_attention_forward``); ``backbone.py`` switches it to a module-calling forward,
+to ``F.multi_head_attention_forward``); ``backbones/waveform.py`` switches it to a module-calling forward,
 so LoRA takes effect on every family (tested per family).
 """
 

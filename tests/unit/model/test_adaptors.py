@@ -16,7 +16,7 @@ import torch
 from fixtures_model import NUM_CLASSES, audio_batch, build, label_batch, outputs, perturb
 from peft import PeftModel
 
-from dser.model.backbone import TINY_PRESETS, load_backbone
+from dser.model.backbones import TINY_PRESETS, load_backbone
 from dser.model.checkpoint_io import export_model, load_adaptors, load_exported, save_adaptors
 
 PRESETS = list(TINY_PRESETS)  # tiny-wavlm, -hubert, -wav2vec2, -data2vec, -whisper, -w2v-bert

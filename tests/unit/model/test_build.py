@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 
 from dser.config import ConfigError, from_dict
 from dser.model.adaptors.weighted_sum import WeightedLayerSum
-from dser.model.backbone import load_backbone
+from dser.model.backbones import load_backbone
 from dser.model.build import ModelConfig, build_model, format_parameter_table, summarize_module_names
 
 PAPER = ["lora", "bottleneck", "weighted_sum", "weight_gating"]

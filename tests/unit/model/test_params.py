@@ -9,7 +9,7 @@ import torch
 from transformers import WavLMModel
 
 from dser.config import ConfigError
-from dser.model.backbone import REAL_CONFIGS
+from dser.model.backbones import REAL_CONFIGS
 from dser.model.build import format_parameter_table, parameter_counts
 
 C = 4  # emotion classes
