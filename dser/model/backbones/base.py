@@ -29,6 +29,8 @@ What a family declares (class attributes) and implements:
     family                 dser's name ("wavlm", "whisper" …), shown in logs and errors
     model_class            the transformers class built from the config (WavLMModel, WhisperEncoder …)
     default_lora_targets   attention projection names LoRA adapts by default
+    default_ia3_targets    key / value projections and feed-forward output layers IA³ rescales by default,
+    default_ia3_feedforward  and which of them are feed-forward (their input is rescaled)
     attn_name, ffn_name    the hook-point submodules of a layer
     hidden_size_key        the config field with the width H ("hidden_size"; Whisper "d_model")
     layerdrop_key          the config field LayerDrop goes to ("layerdrop"; Whisper "encoder_layerdrop")
@@ -43,7 +45,7 @@ import contextlib
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,46 +53,13 @@ from transformers import PretrainedConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_bidirectional_mask
 
-from dser.config import knob
+from dser.model.config import BackboneConfig  # defined without torch, for config checks; re-exported
 
 SAMPLE_RATE = 16000
 
 
 class BackboneError(ValueError):
     """A backbone name, directory or input the user must fix; the message says what to do."""
-
-
-@dataclass
-class BackboneConfig:
-    """Which speech encoder to load and how it runs."""
-
-    name: str = knob(
-        "tiny-wavlm",
-        "hub id (microsoft/wavlm-base-plus), local directory, tiny preset (tiny-wavlm …) or "
-        "random:<architecture> (random:wavlm-large) for random weights",
-    )
-    freeze_feature_encoder: bool = knob(True, "freeze the CNN front end (Whisper: conv1/conv2)")
-    gradient_checkpointing: bool = knob(False, "recompute each transformer layer in backward to save memory")
-    layerdrop: float = knob(0.0, "probability of skipping a transformer layer in training (LayerDrop)")
-    mask_time_prob: float = knob(0.0, "SpecAugment time-masking probability in training (0 = off)")
-    feature_norm: Literal["utterance", "global"] = knob(
-        "utterance",
-        "filterbank families only: 'utterance' = the family's stock per-utterance scaling, 'global' = "
-        "per-bin mean/std fitted on training audio (fit_feature_stats), keeps absolute loudness",
-    )
-    attn_implementation: Literal["eager", "sdpa"] = knob(
-        "eager", "attention kernel: 'eager' (plain matmuls) or 'sdpa' (torch scaled_dot_product_attention)"
-    )
-    seed: int = knob(0, "seed for the random weights of tiny presets and random: architectures")
-
-    def __post_init__(self):
-        if self.feature_norm not in ("utterance", "global"):
-            raise ValueError(f"feature_norm must be 'utterance' or 'global', got {self.feature_norm!r}")
-        if self.attn_implementation not in ("eager", "sdpa"):
-            raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
-        for key in ("layerdrop", "mask_time_prob"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -126,6 +95,8 @@ class Backbone(nn.Module, abc.ABC):
     family: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    default_ia3_targets: ClassVar[tuple[str, ...]] = ("k_proj", "v_proj", "output_dense")
+    default_ia3_feedforward: ClassVar[tuple[str, ...]] = ("output_dense",)
     attn_name: ClassVar[str] = "self_attn"
     ffn_name: ClassVar[str]
     hidden_size_key: ClassVar[str] = "hidden_size"

@@ -46,6 +46,7 @@ class W2VBertBackbone(FilterbankBackbone):
     family = "w2v-bert"
     model_class = Wav2Vec2BertModel
     default_lora_targets = ("linear_q", "linear_k", "linear_v", "linear_out")
+    default_ia3_targets = ("linear_k", "linear_v", "output_dense")  # output_dense: ffn1's and ffn2's
     # The second (macaron) FFN of the conformer layer; its output is then halved and added to
     # the residual.
     ffn_name = "ffn2"

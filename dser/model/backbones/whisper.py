@@ -59,6 +59,8 @@ class WhisperBackbone(FilterbankBackbone):
     # Whisper has no feed-forward submodule, so the FFN hook point is fc2 (its output then gets
     # dropout and the residual).
     ffn_name = "fc2"
+    default_ia3_targets = ("k_proj", "v_proj", "fc2")  # fc2: the feed-forward output layer
+    default_ia3_feedforward = ("fc2",)
     hidden_size_key = "d_model"
     layerdrop_key = "encoder_layerdrop"
     # Full Whisper checkpoints store the encoder under "model.encoder." (or "encoder."); the

@@ -25,6 +25,7 @@ ADAPTOR_SETS = {
     "bottleneck": ["bottleneck"],
     "weighted_sum": ["weighted_sum"],
     "weight_gating": ["weight_gating"],
+    "ia3": ["ia3"],
     "full": ["full"],
     "none": ["none"],
     # the paper's combinations: LoRA+BA, LoRA+WS, BA+WS+WG, LoRA+BA+WS+WG
@@ -32,6 +33,8 @@ ADAPTOR_SETS = {
     "lora+weighted_sum": ["lora", "weighted_sum"],
     "bottleneck+weighted_sum+weight_gating": ["bottleneck", "weighted_sum", "weight_gating"],
     "lora+bottleneck+weighted_sum+weight_gating": ["lora", "bottleneck", "weighted_sum", "weight_gating"],
+    # IA³ under LoRA (LoRA beside the rescaled projections; test_ia3.py also has the other order)
+    "ia3+lora": ["ia3", "lora"],
 }
 TABLE = [pytest.param(p, a, id=f"{p}:{name}") for p in PRESETS for name, a in ADAPTOR_SETS.items()]
 
@@ -54,6 +57,8 @@ def owner(name: str) -> str:
         return "weighted_sum"
     if name.startswith("wgate_"):
         return "weight_gating"
+    if name.startswith("ia3_vectors."):
+        return "ia3"
     assert name.startswith("backbone."), name
     return "backbone"
 
@@ -118,7 +123,8 @@ def test_every_adaptor_update_changes_output(preset, adaptors):
 
 @pytest.mark.parametrize("preset, adaptors", TABLE)
 def test_start_values_leave_hidden_states_unchanged(preset, adaptors):
-    """LoRA (B = 0), bottleneck (up = 0) and weight-gating (2·sigmoid(0) = 1) start as the identity."""
+    """LoRA (B = 0), bottleneck (up = 0), weight-gating (2·sigmoid(0) = 1) and IA³ (vectors of ones)
+    start as the identity."""
     model = build(preset, adaptors)
     bare = load_backbone(preset).eval()
     audio, mask = audio_batch()
