@@ -14,10 +14,16 @@ Usage::
 
     print(format_parameter_table(parameter_counts("wavlm-large", ["lora", "bottleneck"])))  # dser params
 
+``SERModel`` knows no adaptor by name: it applies registered ones (``dser.model.adaptors.ADAPTORS``)
+in the listed order, each adding its own modules and hooks, and its ``forward`` is backbone →
+``readout`` (the last layer, or what an adaptor put there: ``weighted_sum``) → head. The parameter
+table's groups are the registry's adaptor names. ``ModelConfig`` is defined without torch in
+``dser.model.config`` (imported here too).
+
 Which parameters train is decided here, by name, after every adaptor is applied: a parameter
-trains iff it belongs to an applied adaptor (its ``PATTERN``, see ``dser.model.adaptors``), to
-the head, or to the backbone under ``full``, and no freeze pattern caught it. Everything else
-(the pretrained backbone) is frozen.
+trains iff it belongs to an applied adaptor (its ``pattern`` in the registry), to the head, or to
+the backbone under ``full``, and no freeze pattern caught it. Everything else (the pretrained
+backbone) is frozen.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Its parts are checked one by one, against what they must equal:
   configured share;
 - ``TrainState`` round-trips through ``state_dict``, and through ``save()`` / ``load()`` in a
   second recipe, which then takes the same next step as the first;
-- ``run()`` trains to the end and writes metrics.json and the export.
+- ``run()`` trains to the end and writes metrics.json and the export;
+- ``model.adaptors: [ia3]`` trains in stage 1, and a fresh IA³ set over the frozen one in stage 2.
 """
 
 from __future__ import annotations

@@ -22,6 +22,16 @@ itself: an adaptor never decides what else trains. Shared hook and layer-range h
 This module and ``configs.py`` import nothing heavy: ``ModelConfig`` (``dser.model.config``) takes
 one section per registered adaptor from here, and checking a run config must not import torch.
 An adaptor's code is imported when it is first applied.
+
+Adding an adaptor (the README's architecture section has the long form; ``ia3`` followed it):
+
+1. its settings dataclass in ``configs.py`` (help text on every field, values checked);
+2. ``<name>.py`` with ``apply(model, cfg, set_name)``: modules under a unique prefix (or into
+   ``model.<sets>[set_name]``), attached with the ``hooks`` helpers;
+3. one ``Adaptor`` entry below: ``model.<name>`` in run configs, its parameter group, freezing,
+   saving and export then follow;
+4. a row in the adaptor table (``tests/unit/model/test_adaptors.py``) and a by-hand count in
+   ``tests/unit/model/test_params.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ becomes ``y + up(act(down(y)))``, through a forward hook on ``backbone.ffn_modul
 (``backbone.attn_module(i)``). ``up`` starts at zero (weights and bias), so at start the model
 computes exactly what the bare backbone does.
 
-Parameters live in ``model.bneck_adapters[<set>]["ffn<i>" | "attn<i>"]``::
+Settings: ``BottleneckConfig`` (``configs.py``). Parameters live in
+``model.bneck_adapters[<set>]["ffn<i>" | "attn<i>"]`` (the model creates the set container from
+the registry's ``sets``)::
 
     bneck_adapters.default.ffn3.down.weight     (H → dim)
     bneck_adapters.default.ffn3.up.weight       (dim → H, zero at start)

@@ -7,7 +7,7 @@ channel of every layer, so that model does NOT start as the backbone (each layer
 shrunk before the next layer and the head see it).
 
 Implemented as forward hooks on ``backbone.layers[i]`` rewriting the layer's output (a tensor,
-or a tuple led by it, e.g. WavLM's ``(hidden, position_bias)``). The backbone collects hidden
+or a tuple led by it, e.g. WavLM's ``(hidden, position_bias)``; ``hooks.rewrite_output``). The backbone collects hidden
 states from the hooked outputs, so a gate changes both the next layer's input and the state the
 head (or the weighted sum) sees. Parameters: ``wgate_gates.<layer>.g`` (size H).
 """

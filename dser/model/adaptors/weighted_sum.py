@@ -1,6 +1,6 @@
 """Weighted layer sum (SUPERB / s3prl style): the head sees Σ_l softmax(w)_l · h_l over every hidden state.
 
-Without it the head sees the last layer only. ``w`` (``wsum_layers.weights``, one per hidden
+The module becomes the model's ``readout``: without it the head sees the last layer only. ``w`` (``wsum_layers.weights``, one per hidden
 state: the front-end output and each transformer layer) starts at zero, i.e. uniform weights.
 s3prl does not normalise the hidden states first; ``layer_norm: true`` applies a parameter-free
 layer norm to each one before the sum (useful when layer scales differ a lot, e.g. pre-LN

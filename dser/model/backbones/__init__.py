@@ -13,8 +13,9 @@ mask, and the filterbank families compute their features inside the model, on th
 
 One module per front-end family, a small base class for what they share, and the tables::
 
-    base.py        BackboneConfig, BackboneOutput, BackboneError; Backbone: the call, the layer
-                   loop (LayerDrop), SpecAugment on hidden states, frozen front end, hook points
+    base.py        BackboneOutput, BackboneError; Backbone: the call, the layer loop (LayerDrop),
+                   SpecAugment on hidden states, frozen front end, hook points, adaptor targets
+                   (BackboneConfig is defined without torch in dser.model.config, re-exported)
     waveform.py    wavlm, hubert, wav2vec2, data2vec-audio: CNN on the waveform, 50 frames/s
     filterbank.py  what the filterbank families share: normalisation (per utterance | global,
                    fit_feature_stats), SpecAugment on feature frames, filterbank()

@@ -1,4 +1,4 @@
-"""The adaptor table: every tiny backbone × every adaptor alone and the paper's combinations.
+"""The adaptor table: every tiny backbone × every adaptor alone, the paper's combinations and IA³ under LoRA.
 
 For each case: output shapes; exactly the intended parameters train (checked by name, with
 expectations written here, not taken from the implementation) and all of them get non-zero

@@ -19,7 +19,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_model import audio_batch, build, label_batch, outputs, perturb
+from fixtures_model import audio_batch, build, label_batch, outputs, perturb, trainable
 from peft import PeftModel
 
 from dser.config import ConfigError, from_dict
@@ -46,10 +46,6 @@ LABELS = {"name": "4class", "classes": ["neutral", "happy", "angry", "sad"],
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def trainable(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def hidden_states(backbone, audio, mask) -> tuple[torch.Tensor, ...]:
