@@ -64,14 +64,13 @@ class Goal:
             return None
         return value >= self.threshold if self.op == ">=" else value <= self.threshold
 
-    def written(self, value: float, digits: int | None = None) -> str:
-        """A number in the goal's unit, as BENCHMARKS.md writes it."""
-        digits = self.digits if digits is None else digits
+    def written(self, value: float) -> str:
+        """A measured value in the goal's unit, as BENCHMARKS.md writes it."""
         if self.unit == "%":
-            return f"{100 * value:.{digits}f} %"
+            return f"{100 * value:.{self.digits}f} %"
         if self.unit == "bytes":
-            return f"{value:,.{digits}f} bytes"
-        return f"{value:.{digits}f}×"
+            return f"{value:,.{self.digits}f} bytes"
+        return f"{value:.{self.digits}f}×"
 
     def target(self) -> str:
         """The target as BENCHMARKS.md writes it: ``≥ 1.5×``, ``≥ 90 %``, ``0 bytes``."""
