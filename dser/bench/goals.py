@@ -38,25 +38,29 @@ class Goal:
     """One goal: a measurement, the side of a threshold it must be on, and how it is written.
 
     Attributes:
-        name: its label in the console's ``goals`` block and the JSON's ``goals``.
-        wording: its wording in BENCHMARKS.md, as the issue put it.
         field: the measurement, a dotted path into the results: ``<section>.<…>``.
         op: ``">="`` or ``"<="``.
         threshold: the number the measurement must reach.
         unit: how BENCHMARKS.md writes the target and the value: ``"x"`` (a ratio or a rate,
             ``3.43×``), ``"%"`` (a share, ``90.0 %``) or ``"bytes"``.
         digits: decimals of the measured value in BENCHMARKS.md.
+        name: its label in the console's ``goals`` block and the JSON's ``goals``.
+        wording: its wording in BENCHMARKS.md, as the issue put it (default: ``name``).
         detail: the figures BENCHMARKS.md gives beside the value, from the other results.
     """
 
-    name: str
-    wording: str
     field: str
     op: str
     threshold: float
     unit: str
     digits: int
+    name: str
+    wording: str = ""
     detail: Callable[[dict], str] | None = None
+
+    def __post_init__(self):
+        if not self.wording:
+            object.__setattr__(self, "wording", self.name)
 
     def met(self, value) -> bool | None:
         """Whether ``value`` reaches the goal (None: not measured)."""
@@ -117,23 +121,22 @@ def _growth_per_rank(r: dict) -> str:
 
 
 GOALS: tuple[Goal, ...] = (
-    Goal("dser vs usual pipeline, audio-s/s", "dser vs the usual pipeline, audio-seconds/s",
-         "pipeline.speedup", ">=", 1.5, "x", 2, _against_bf16_autocast),
-    Goal("PEFT combination vs full, samples/s", "PEFT combination vs full, samples/s",
-         "peft.combination.samples_per_s_ratio", ">=", 1.3, "x", 2),
-    Goal("PEFT combination vs full, peak memory per rank", "PEFT combination vs full, peak memory per rank",
-         "peft.combination.peak_rss_ratio", "<=", 0.7, "x", 2, _peak_memory),
-    Goal("PEFT combination vs full, checkpoint bytes", "PEFT combination vs full, checkpoint bytes",
-         "peft.combination.checkpoint_bytes_ratio", "<=", 0.05, "x", 3, _checkpoint),
-    Goal("loader, x real time per worker", "loader, × real time per worker",
-         "loading.dser.per_worker_x_realtime", ">=", 500.0, "x", 0),
-    Goal("bucketing, real audio in every batch", "bucketing: real audio ≥ 90 % of *every* batch",
-         "padding.cropped.dser.min_batch_real_fraction", ">=", 0.9, "%", 1, _padding_overall),
-    Goal("frozen CNN keeps no activations (bytes)", "frozen CNN builds no graph",
-         "peft.full.front_end_saved_activation_bytes", "<=", 0, "bytes", 0,
-         lambda r: "kept for backward in the CNN, even under full finetuning"),
-    Goal("resident memory after warm-up, growth", "resident memory flat after warm-up (2,000 steps)",
-         "soak.rss_growth", "<=", 1.10, "x", 3, _growth_per_rank),
+    # Goal(field, op, threshold, unit, digits, console name, BENCHMARKS.md wording (default: the name), detail)
+    Goal("pipeline.speedup", ">=", 1.5, "x", 2, "dser vs usual pipeline, audio-s/s",
+         "dser vs the usual pipeline, audio-seconds/s", _against_bf16_autocast),
+    Goal("peft.combination.samples_per_s_ratio", ">=", 1.3, "x", 2, "PEFT combination vs full, samples/s"),
+    Goal("peft.combination.peak_rss_ratio", "<=", 0.7, "x", 2, "PEFT combination vs full, peak memory per rank",
+         detail=_peak_memory),
+    Goal("peft.combination.checkpoint_bytes_ratio", "<=", 0.05, "x", 3, "PEFT combination vs full, checkpoint bytes",
+         detail=_checkpoint),
+    Goal("loading.dser.per_worker_x_realtime", ">=", 500.0, "x", 0, "loader, x real time per worker",
+         "loader, × real time per worker"),
+    Goal("padding.cropped.dser.min_batch_real_fraction", ">=", 0.9, "%", 1, "bucketing, real audio in every batch",
+         "bucketing: real audio ≥ 90 % of *every* batch", _padding_overall),
+    Goal("peft.full.front_end_saved_activation_bytes", "<=", 0, "bytes", 0, "frozen CNN keeps no activations (bytes)",
+         "frozen CNN builds no graph", lambda r: "kept for backward in the CNN, even under full finetuning"),
+    Goal("soak.rss_growth", "<=", 1.10, "x", 3, "resident memory after warm-up, growth",
+         "resident memory flat after warm-up (2,000 steps)", _growth_per_rank),
 )
 
 

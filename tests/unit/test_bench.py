@@ -201,7 +201,8 @@ def test_goals_part_is_regenerated_and_the_rest_kept():
                "peft": {"combination": {"peak_rss_ratio": 0.5}}}
     text = f"# head\n\nkept\n{BEGIN}\nstale table\n{END}\n\n## after\nkept too\n"
     new = with_goals(text, results)
-    assert new.startswith("# head\n\nkept\n" + BEGIN + "\n## Goals\n") and new.endswith(f"{END}\n\n## after\nkept too\n")
+    assert new.startswith("# head\n\nkept\n" + BEGIN + "\n## Goals\n")
+    assert new.endswith(f"{END}\n\n## after\nkept too\n")
     assert "stale" not in new and "`dser bench --quick`" in new
     rows = {line.split(" | ")[0].lstrip("| "): line for line in new.splitlines() if line.startswith("| ")}
     assert rows["dser vs the usual pipeline, audio-seconds/s"] == (
