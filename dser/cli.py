@@ -398,6 +398,12 @@ def bench(quick, out, sections, backbone, ranks, workdir, goals_file, results_fi
 
     if results_file is not None and goals_file is None:
         raise UserError(f"--results {results_file}: only --write-goals reads it; add --write-goals BENCHMARKS.md")
+    if results_file is not None:
+        ignored = [name for name, given in (("--quick", quick), ("--out", out), ("--only", sections),
+                                            ("--backbone", backbone), ("--workdir", workdir)) if given]
+        if ignored:
+            raise UserError(f"--results {results_file}: nothing runs, so {', '.join(ignored)} would do nothing; "
+                            f"drop {'it' if len(ignored) == 1 else 'them'}, or drop --results to run the bench")
     try:
         if results_file is not None:
             write_goals(goals_file, read_results(results_file), source=str(results_file))

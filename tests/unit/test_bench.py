@@ -231,6 +231,8 @@ def test_cli_writes_goals_from_a_results_file(tmp_path):
     for args, message in ((["--results", str(js)], "only --write-goals reads it"),
                           (["--results", str(tmp_path / "none.json"), "--write-goals", str(md)], "cannot read it"),
                           (["--results", str(md), "--write-goals", str(md)], "not JSON"),
-                          (["--results", str(js), "--write-goals", str(js)], "no generated goals part")):
+                          (["--results", str(js), "--write-goals", str(js)], "no generated goals part"),
+                          (["--results", str(js), "--write-goals", str(md), "--quick", "--only", "padding"],
+                           "nothing runs, so --quick, --only would do nothing")):
         r = CliRunner().invoke(main, ["bench", *args])
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (args, r.output)
