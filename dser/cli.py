@@ -388,18 +388,39 @@ def grid(grid_file, query, null):
 @click.option("--backbone", help="Backbone of the training sections (default: random:wavlm-base-plus).")
 @click.option("--ranks", default=2, show_default=True, help="Ranks of the dser training runs.")
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep corpora, shards, runs and logs here.")
-def bench(quick, out, sections, backbone, ranks, workdir):
+@click.option("--write-goals", "goals_file", type=click.Path(path_type=Path),
+              help="Rewrite the goals part of this markdown file (BENCHMARKS.md) from the results.")
+@click.option("--results", "results_file", type=click.Path(path_type=Path),
+              help="With --write-goals: take the results from this file (a --out file) instead of running.")
+def bench(quick, out, sections, backbone, ranks, workdir, goals_file, results_file):
     """Measure sharding, loading, padding, PEFT vs full and dser vs the usual pipeline, side by side."""
-    from dser.bench import SECTIONS, BenchError, format_table, run_bench
+    from dser.bench import SECTIONS, BenchError, check_goals_file, format_table, read_results, run_bench, write_goals
 
+    if results_file is not None and goals_file is None:
+        raise UserError(f"--results {results_file}: only --write-goals reads it; add --write-goals BENCHMARKS.md")
+    if results_file is not None:
+        ignored = [name for name, given in (("--quick", quick), ("--out", out), ("--only", sections),
+                                            ("--backbone", backbone), ("--workdir", workdir)) if given]
+        if ignored:
+            raise UserError(f"--results {results_file}: nothing runs, so {', '.join(ignored)} would do nothing; "
+                            f"drop {'it' if len(ignored) == 1 else 'them'}, or drop --results to run the bench")
     try:
+        if results_file is not None:
+            write_goals(goals_file, read_results(results_file), source=str(results_file))
+            click.echo(f"goals: {goals_file} (from {results_file})")
+            return
+        if goals_file is not None:
+            check_goals_file(goals_file)  # before the run, not after its minutes
         results = run_bench(out, quick=quick, sections=list(sections) or SECTIONS, backbone=backbone, ranks=ranks,
                             workdir=workdir, keep=workdir is not None, log=lambda m: click.echo(m, err=True))
+        click.echo(format_table(results))
+        if out:
+            click.echo(f"results: {out}")
+        if goals_file is not None:
+            write_goals(goals_file, results, source=str(out) if out else None)
+            click.echo(f"goals: {goals_file}")
     except BenchError as e:
         raise UserError(str(e)) from e
-    click.echo(format_table(results))
-    if out:
-        click.echo(f"results: {out}")
 
 
 if __name__ == "__main__":

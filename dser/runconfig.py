@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 from dser.config import ConfigError, apply_overrides, from_dict, knob, load_yaml, to_dict
-from dser.model.build import ModelConfig
+from dser.model.adaptors import FRESH
+from dser.model.config import ModelConfig  # no torch: checking a run config never imports it
 from dser.precision import PRECISIONS, Precision
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -105,7 +106,7 @@ class DeepSpeedConfig:
 class Stage2Config:
     init_from: str | None = knob(None, "stage-1 run directory (null: the latest stage-1 run under runs_dir)")
     freeze: list[str] = knob([], "parameter-name patterns of loaded parts to freeze, e.g. [lora_, head]")
-    fresh_adaptors: list[str] = knob([], "adaptors added fresh on top of the loaded ones: lora, bottleneck")
+    fresh_adaptors: list[str] = knob([], f"adaptors added fresh on top of the loaded ones: {', '.join(FRESH)}")
     new_head: bool = knob(False, "start a new head (required when the label set differs from stage 1)")
 
 

@@ -57,7 +57,7 @@ from dser.config import ConfigError, from_dict, to_dict
 from dser.data import DataError, LoaderConfig, TrainStream, count_set, make_loader, resolve_shards
 from dser.evaluate import evaluate_loader, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
-from dser.model.backbone import BackboneError, check_backbone
+from dser.model.backbones import BackboneError, check_backbone
 from dser.model.build import build_model
 from dser.model.checkpoint_io import (CheckpointError, export_labels, export_model, load_adaptors,
                                       load_export_weights, save_adaptors)

@@ -1,6 +1,6 @@
 """Shared helpers for the model tests: tiny models, generated audio, label batches, perturbations.
 
-    from fixtures_model import audio_batch, build, finished_run, perturb
+    from fixtures_model import audio_batch, build, finished_run, perturb, trainable
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def perturb(model: SERModel, keep=lambda name: True, scale: float = 0.2, seed: i
             p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
             changed.append(name)
     return changed
+
+
+def trainable(model: SERModel) -> set[str]:
+    """Names of the parameters that train (``requires_grad``)."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def outputs(model: SERModel, audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,21 @@ Usage::
 
     print(format_parameter_table(parameter_counts("wavlm-large", ["lora", "bottleneck"])))  # dser params
 
+``SERModel`` knows no adaptor by name: it applies registered ones (``dser.model.adaptors.ADAPTORS``)
+in the listed order, each adding its own modules and hooks, and its ``forward`` is backbone →
+``readout`` (the last layer, or what an adaptor put there: ``weighted_sum``) → head. The parameter
+table's groups are the registry's adaptor names. ``ModelConfig`` is defined without torch in
+``dser.model.config`` (imported here too).
+
 Which parameters train is decided here, by name, after every adaptor is applied: a parameter
-trains iff it belongs to an applied adaptor (its ``PATTERN``, see ``dser.model.adaptors``), to
-the head, or to the backbone under ``full``, and no freeze pattern caught it. Everything else
-(the pretrained backbone) is frozen.
+trains iff it belongs to an applied adaptor (its ``pattern`` in the registry), to the head, or to
+the backbone under ``full``, and no freeze pattern caught it. Everything else (the pretrained
+backbone) is frozen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -30,38 +37,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dser.config import ConfigError, knob
+from dser.config import ConfigError
 from dser.model.adaptors import ADAPTORS, DEFAULT_SET, FRESH, FRESH_SET, check_adaptor_names
-from dser.model.adaptors.bottleneck import BottleneckConfig
-from dser.model.adaptors.lora import LoraConfig
-from dser.model.adaptors.weight_gating import WeightGatingConfig
-from dser.model.adaptors.weighted_sum import WeightedSumConfig
-from dser.model.backbone import REAL_CONFIGS, TINY_PRESETS, Backbone, BackboneConfig, load_backbone
-from dser.model.head import TASKS, Head, HeadConfig
+from dser.model.backbones import REAL_CONFIGS, TINY_PRESETS, Backbone, load_backbone
+from dser.model.config import ModelConfig  # noqa: F401  (defined without torch; imported from here too)
+from dser.model.head import TASKS, Head
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelConfig:
-    """The model section of a run config (``model:``)."""
-
-    backbone: BackboneConfig = knob(factory=BackboneConfig, help="the speech encoder")
-    adaptors: list[str] = knob(
-        ["lora", "bottleneck", "weighted_sum", "weight_gating"],
-        f"what trains besides the head, any combination of {', '.join(ADAPTORS)} (full and none are baselines)",
-    )
-    lora: LoraConfig = knob(factory=LoraConfig, help="LoRA settings (used when adaptors lists lora)")
-    bottleneck: BottleneckConfig = knob(factory=BottleneckConfig, help="bottleneck adapter settings")
-    weighted_sum: WeightedSumConfig = knob(factory=WeightedSumConfig, help="weighted layer sum settings")
-    weight_gating: WeightGatingConfig = knob(factory=WeightGatingConfig, help="weight-gating settings")
-    head: HeadConfig = knob(factory=HeadConfig, help="projector, pooling, classifier / regressor")
-    freeze: list[str] = knob(
-        [], "parameter-name patterns (regular expressions, e.g. lora_A, bneck_, wgate_, head) frozen after building"
-    )
-
-    def __post_init__(self):
-        check_adaptor_names(self.adaptors)
 
 
 @dataclass
@@ -82,15 +64,25 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave numel() == 0
 
 
+def last_hidden_state(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """What the head reads unless an adaptor replaces ``SERModel.readout``: the last layer (B, F, H)."""
+    return hidden_states[-1]
+
+
 class SERModel(nn.Module):
     """Backbone + adaptors + head.
+
+    Each adaptor owns its modules: it adds them under its parameter prefix (``wsum_layers``,
+    ``wgate_gates``; LoRA inside ``backbone.model``), or into the ``ModuleDict`` of sets the model
+    creates for it (``Adaptor.sets``: ``bneck_adapters``, ``ia3_vectors``), and hooks them into
+    the backbone. The model knows none of them by name.
 
     Attributes:
         backbone: the ``Backbone`` (LoRA lives inside ``backbone.model``).
         head: the ``Head``.
-        bneck_adapters: bottleneck sets by name (``default``, ``stage2``); empty without bottleneck.
-        wsum_layers: the ``WeightedLayerSum`` or None.
-        wgate_gates: the weight gates by layer, or None.
+        readout: what turns the backbone's hidden states into the frames the head reads: the last
+            layer (``last_hidden_state``) unless an adaptor sets it (``weighted_sum``).
+        hook_handles: the handles of every adaptor hook.
         cfg, task, num_classes: what the model was built with.
         adaptors: applied adaptor names (``cfg.adaptors``); ``fresh_adaptors``: those added fresh in stage 2.
         targets: targeted module names per adaptor set (``lora``, ``lora (stage2)``, …).
@@ -102,10 +94,13 @@ class SERModel(nn.Module):
         super().__init__()
         self.cfg, self.task, self.num_classes = cfg, task, num_classes
         self.backbone = backbone
-        self.bneck_adapters = nn.ModuleDict()
-        self.wsum_layers: nn.Module | None = None
-        self.wgate_gates: nn.ModuleDict | None = None
+        # Set containers come before the head: the parameter order is the order of the
+        # optimizer state in checkpoints, and bottleneck parameters always preceded the head's.
+        for adaptor in ADAPTORS.values():
+            if adaptor.sets:
+                self.add_module(adaptor.sets, nn.ModuleDict())
         self.head = Head(backbone.hidden_size, cfg.head, task, num_classes)
+        self.readout: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = last_hidden_state
         self.hook_handles: list = []
         self.adaptors: list[str] = []
         self.fresh_adaptors: list[str] = []
@@ -126,10 +121,7 @@ class SERModel(nn.Module):
             ``logits`` (B, C) or None, ``attributes`` (B, 3) or None, ``pooled`` (B, D).
         """
         out = self.backbone(audio, attention_mask)
-        if self.wsum_layers is not None:
-            hidden = self.wsum_layers(out.hidden_states)  # (B, F, H)
-        else:
-            hidden = out.hidden_states[-1]  # (B, F, H)
+        hidden = self.readout(out.hidden_states)  # (B, F, H)
         return self.head(hidden, out.frame_mask)
 
     def loss(
@@ -158,9 +150,9 @@ class SERModel(nn.Module):
             The targeted module names (also kept in ``targets``).
         """
         adaptor = ADAPTORS[name]
-        cfg = getattr(self.cfg, adaptor.config_key) if adaptor.config_key else None
+        cfg = getattr(self.cfg, adaptor.name) if adaptor.config else None  # its section model.<name>
         targets = adaptor.apply(self, cfg, set_name)
-        self.targets[name if set_name == DEFAULT_SET else f"{name} ({set_name})"] = targets
+        self.targets[adaptor.group(set_name)] = targets
         self.refresh_trainable()
         return targets
 
@@ -189,8 +181,7 @@ class SERModel(nn.Module):
         for adaptor in ADAPTORS.values():
             match = re.search(adaptor.pattern, name) if adaptor.pattern else None
             if match:
-                set_name = match.groupdict().get("set") or DEFAULT_SET
-                return adaptor.name if set_name == DEFAULT_SET else f"{adaptor.name} ({set_name})"
+                return adaptor.group(match.groupdict().get("set") or DEFAULT_SET)
         return "backbone"
 
     def is_adaptor_param(self, name: str) -> bool:
@@ -250,8 +241,8 @@ class SERModel(nn.Module):
     def parameter_table(self) -> list[ParameterRow]:
         """Trainable / total parameters per group, then an ``all`` row (the whole model)."""
         order = ["backbone"]
-        for name in ADAPTORS:
-            order += [name, f"{name} ({FRESH_SET})"]
+        for adaptor in ADAPTORS.values():
+            order += [adaptor.group(), adaptor.group(FRESH_SET)]
         order.append("head")
         counts: dict[str, list[int]] = {}
         for name, p in self.named_parameters():
@@ -385,12 +376,8 @@ def parameter_counts(
         )
     base = model_cfg or ModelConfig()
     try:
-        cfg = ModelConfig(
-            backbone=BackboneConfig(**{**vars(base.backbone), "name": name}),
-            adaptors=list(adaptors),
-            lora=base.lora, bottleneck=base.bottleneck, weighted_sum=base.weighted_sum,
-            weight_gating=base.weight_gating, head=base.head,
-        )
+        cfg = dataclasses.replace(base, backbone=dataclasses.replace(base.backbone, name=name),
+                                  adaptors=list(adaptors), freeze=[])
     except ValueError as e:
         raise ConfigError(f"--adaptors: {e}") from e
     with torch.device("meta"):

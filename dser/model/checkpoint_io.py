@@ -12,17 +12,24 @@ Export layout (``export_model``)::
     export/config.yaml            the run config, as given (written last: it marks a complete export)
     export/labels.json            the label set (classes and the emotions each absorbs), or null
     export/export.json            how to rebuild: model config, task, classes, fresh sets, files
-    export/adaptors.safetensors   the head and every non-LoRA adaptor (+ feature statistics;
-                                  + the backbone weights under full finetuning)
+    export/adaptors.safetensors   the head and every non-LoRA adaptor, IA³ included (+ feature
+                                  statistics; + the backbone weights under full finetuning)
     export/lora/                  LoRA set "default" in peft's format (adapter_config.json +
                                   adapter_model.safetensors), so that
                                   PeftModel.from_pretrained(backbone.model, "export/lora") loads it
     export/lora/stage2/           a fresh stage-2 LoRA set, the same way (load it with
                                   peft_model.load_adapter(".../lora/stage2", "stage2") and make both
                                   active: peft_model.base_model.set_adapter(["default", "stage2"]))
-    export/backbone/              merge=True only: the backbone with LoRA folded into its weights
-                                  (and the full-finetuned weights), written by save_pretrained;
-                                  then there is no lora/ and adaptors.safetensors holds no backbone weights
+    export/ia3/, ia3/stage2/      each IA³ set, also in peft's format (an IA3Config naming the
+                                  rescaled modules), for peft users: PeftModel.from_pretrained(
+                                  backbone.model, "export/ia3") computes what the set does. dser
+                                  itself loads IA³ from adaptors.safetensors. peft cannot hold LoRA
+                                  and IA³ in one model (IA³ is no "mixed" adapter type), so with
+                                  both, peft takes one of them; dser's own loader takes both
+    export/backbone/              merge=True only: the backbone with LoRA and IA³ folded into its
+                                  weights (and the full-finetuned weights), written by save_pretrained;
+                                  then there is no lora/ or ia3/, and adaptors.safetensors holds no
+                                  backbone, LoRA or IA³ weights
 
 ``load_exported`` rebuilds the model from this directory; ``load_export_weights`` loads an
 export into a model already built (stage 2 starting from a stage-1 run).
@@ -50,7 +57,7 @@ from safetensors.torch import load_file, save_file
 import dser
 from dser.config import ConfigError, from_dict, to_dict
 from dser.labels import LabelSet
-from dser.model.adaptors import DEFAULT_SET, lora
+from dser.model.adaptors import ADAPTORS, DEFAULT_SET, ia3, lora
 from dser.safeload import UnsafeCheckpointError, check_model_dir, refusal
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,12 @@ def adaptor_state(model) -> dict[str, torch.Tensor]:
 
 def _is_lora(model, name: str) -> bool:
     return model.parameter_group(name).split(" ")[0] == "lora"
+
+
+def _merges(model, name: str) -> bool:
+    """Whether a parameter belongs to an adaptor a merged export folds into the backbone (LoRA, IA³)."""
+    adaptor = ADAPTORS.get(model.parameter_group(name).split(" ")[0])
+    return adaptor is not None and adaptor.merges
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -217,17 +230,27 @@ def _peft_keys(hf_model, adapter: str) -> dict[str, str]:
     return keys
 
 
+def _write_peft_dir(config, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Write an adapter as ``PeftModel.save_pretrained`` would: adapter_config.json + adapter_model.safetensors.
+
+    Args:
+        config: the peft config (its ``base_model_name_or_path`` and ``inference_mode`` set).
+        state: tensors by their key in peft's file (``base_model.model.…``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    _save_tensors(state, directory / "adapter_model.safetensors", {"format": "pt"})
+
+
 def _save_peft_adapter(model, adapter: str, directory: Path) -> None:
-    """Write one LoRA set as ``PeftModel.save_pretrained`` would (adapter_config.json + adapter_model.safetensors)."""
+    """Write one LoRA set in peft's format."""
     hf_model = model.backbone.hf_model
     config = copy.deepcopy(hf_model.peft_config[adapter])
     config.base_model_name_or_path = model.cfg.backbone.name
     config.inference_mode = True  # what peft writes for an adapter saved for use
     params = _lora_params(hf_model, adapter)
     state = {key: params[name] for name, key in _peft_keys(hf_model, adapter).items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(directory))
-    _save_tensors(state, directory / "adapter_model.safetensors", {"format": "pt"})
+    _write_peft_dir(config, state, directory)
 
 
 def _load_peft_adapter(model, adapter: str, directory: Path, skip: tuple[str, ...]) -> None:
@@ -256,19 +279,22 @@ def _load_peft_adapter(model, adapter: str, directory: Path, skip: tuple[str, ..
 
 
 def _merged_backbone(model) -> torch.nn.Module:
-    """A copy of the transformers model with every LoRA set folded into its weights and removed."""
+    """A copy of the transformers model with every IA³ and LoRA set folded into its weights and removed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = copy.deepcopy(model.backbone.hf_model)
+    ia3.fold_into(model, merged)  # first: it merges the LoRA of the layers it rescales itself
     for name, module in list(merged.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge(safe_merge=True, adapter_names=list(module.active_adapters))
+            if not module.merged:
+                module.merge(safe_merge=True, adapter_names=list(module.active_adapters))
             parent, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
     if hasattr(merged, "peft_config"):
         del merged.peft_config  # a plain transformers model again
     for module in merged.modules():  # adaptor hooks refer to the live model's adapters
         module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
     return merged
 
 
@@ -295,25 +321,28 @@ def export_model(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("lora", "backbone"):
+    for sub in ("lora", "ia3", "backbone"):
         shutil.rmtree(out / sub, ignore_errors=True)
     hf_model = model.backbone.hf_model
     hf_prefix = model.module_name(hf_model) + "."
     adapters = lora.adapter_names(hf_model)
     state = {n: t for n, t in adaptor_state(model).items() if not _is_lora(model, n)}
-    lora_dirs: dict[str, str] = {}
+    peft_dirs: dict[str, dict[str, str]] = {"lora": {}, "ia3": {}}
     backbone_dir = None
-    if merge and (adapters or model.full_names):
+    if merge and (adapters or ia3.set_names(model) or model.full_names):
         backbone_dir = "backbone"
         _merged_backbone(model).save_pretrained(str(out / backbone_dir))
-        state = {n: t for n, t in state.items() if not n.startswith(hf_prefix)}
+        state = {n: t for n, t in state.items() if not n.startswith(hf_prefix) and not _merges(model, n)}
     else:
         if merge:
-            log.info("export: nothing to merge (no LoRA, no full finetuning); writing the usual export")
+            log.info("export: nothing to merge (no LoRA, IA³ or full finetuning); writing the usual export")
         for adapter in adapters:
-            rel = "lora" if adapter == DEFAULT_SET else f"lora/{adapter}"
+            peft_dirs["lora"][adapter] = rel = "lora" if adapter == DEFAULT_SET else f"lora/{adapter}"
             _save_peft_adapter(model, adapter, out / rel)
-            lora_dirs[adapter] = rel
+        for set_name in ia3.set_names(model):  # a copy for peft users; dser reads adaptors.safetensors
+            peft_dirs["ia3"][set_name] = rel = "ia3" if set_name == DEFAULT_SET else f"ia3/{set_name}"
+            config, tensors = ia3.peft_adapter(model, set_name)
+            _write_peft_dir(config, {PEFT_PREFIX + k: v for k, v in tensors.items()}, out / rel)
     _save_tensors(state, out / "adaptors.safetensors", {"format": ADAPTORS_FORMAT})
     (out / "labels.json").write_text(json.dumps(label_set, indent=2) + "\n")
     meta = {
@@ -325,7 +354,8 @@ def export_model(
         "fresh_adaptors": list(model.fresh_adaptors),
         "merged": backbone_dir is not None,
         "backbone": backbone_dir,
-        "lora": lora_dirs,
+        "lora": peft_dirs["lora"],
+        "ia3": peft_dirs["ia3"],
     }
     (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     # Last: tools take a config.yaml as the sign of a finished export.
@@ -461,9 +491,9 @@ def load_exported(out_dir: str | Path):
     if meta["backbone"]:
         cfg.backbone.name = str((out / meta["backbone"]).resolve())
     if meta["merged"]:
-        # LoRA lives in the merged backbone's weights now.
-        cfg.adaptors = [a for a in cfg.adaptors if a != "lora"] or ["none"]
-        fresh = [a for a in fresh if a != "lora"]
+        # LoRA and IA³ live in the merged backbone's weights now.
+        cfg.adaptors = [a for a in cfg.adaptors if not ADAPTORS[a].merges] or ["none"]
+        fresh = [a for a in fresh if not ADAPTORS[a].merges]
     # A local backbone directory (the export's own backbone/ above all) may hold pickled weights
     # (pytorch_model.bin): transformers reads them with weights_only=True; checking first names the file.
     check_model_dir(cfg.backbone.name)

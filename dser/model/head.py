@@ -26,43 +26,14 @@ labels gives a zero loss that still backpropagates (every DeepSpeed rank must ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dser.config import knob
+from dser.model.config import TASKS, HeadConfig  # the configs live where importing them needs no torch
 from dser.schema import IGNORE_INDEX  # the batch contract's: one definition
 
-TASKS = ("categorical", "dimensional", "both")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
-
-
-@dataclass
-class HeadConfig:
-    """Head settings (``model.head``)."""
-
-    projector_dim: int = knob(256, "width D of the frame-wise projector before pooling")
-    activation: Literal["none", "relu", "gelu"] = knob("none", "non-linearity after the projector (none, as s3prl)")
-    pooling: Literal["mean", "attentive_stats"] = knob(
-        "mean", "mean: masked mean over valid frames; attentive_stats: attention-weighted mean + std (2D wide)"
-    )
-    attention_dim: int = knob(128, "hidden width of the attention scorer (attentive_stats only)")
-    dropout: float = knob(0.1, "dropout on the pooled vector before the classifier / regressor")
-    regressor_output: Literal["sigmoid", "linear"] = knob(
-        "sigmoid", "sigmoid keeps attribute predictions in [0, 1]; linear leaves them unbounded"
-    )
-    attribute_loss_weight: float = knob(1.0, "task both: loss = cross-entropy + this * (1 - CCC)")
-
-    def __post_init__(self):
-        if self.projector_dim < 1 or self.attention_dim < 1:
-            raise ValueError("head.projector_dim and head.attention_dim must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"head.dropout must be in [0, 1), got {self.dropout}")
-        if self.attribute_loss_weight < 0:
-            raise ValueError(f"head.attribute_loss_weight must be >= 0, got {self.attribute_loss_weight}")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

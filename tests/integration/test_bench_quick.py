@@ -140,3 +140,16 @@ def test_console_tables(quick):
                   "6. soak", "goals"):
         assert title in stdout, title
     assert "results: " in stdout
+
+
+def test_every_section_writes_the_measures_it_declares(quick):
+    # What the goals table may name (tests/unit/test_bench.py) is what a run really writes.
+    from dser.bench import GOALS, SECTION_MODULES
+
+    results, _ = quick
+    for module in SECTION_MODULES.values():
+        for dotted in module.MEASURES:
+            value = get(results, dotted)
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{dotted} = {value!r}"
+            assert math.isfinite(value) and value >= 0, f"{dotted} = {value!r}"
+    assert [g["field"] for g in results["goals"]] == [g.field for g in GOALS]

@@ -179,7 +179,7 @@ def pickled_backbone(run: Path, marker: Path) -> str:
     holds the backbone's weights and a payload."""
     from safetensors.torch import load_file
 
-    from dser.model.backbone import tiny_backbone_dir
+    from dser.model.backbones import tiny_backbone_dir
     export = run / "export"
     meta = json.loads((export / "export.json").read_text())
     d = tiny_backbone_dir(meta["model"]["backbone"]["name"], export / "backbone")

@@ -158,7 +158,7 @@ def test_zero3_trains_and_exports_for_peft(workdir):
     # the LoRA export loads with peft's own loader onto a bare backbone
     from peft import PeftModel
 
-    from dser.model.backbone import load_backbone
+    from dser.model.backbones import load_backbone
     from dser.model.checkpoint_io import load_exported
     model, _, _ = load_exported(run / "export")
     bare = load_backbone(model.cfg.backbone)

@@ -1,6 +1,7 @@
 """dser.bench's measuring parts: the length distribution, the generated corpus, padding
 statistics and the loader's planned batches, autograd's saved activations, the peak-memory
-monitor, TensorBoard rates, goal checks, and the baseline script's Dataset and collate."""
+monitor, TensorBoard rates, goal checks, the baseline script's Dataset and collate, and the goals
+table BENCHMARKS.md's goals part is generated from."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +19,14 @@ import soundfile as sf
 import torch
 
 from dser import bench
-from dser.bench import (FULL, BenchError, PeakMemory, _padding_stats, _tensorboard_rate, check_goals,
-                        iemocap_like_lengths, saved_activation_bytes, write_bench_corpus)
-from dser.bench_baseline import WavDataset, pad_collate, read_manifest
+from dser.bench import (FULL, BenchError, PeakMemory, check_goals, iemocap_like_lengths, saved_activation_bytes,
+                        write_bench_corpus)
+from dser.bench import padding as padding_section
+from dser.bench.baseline import WavDataset, pad_collate, read_manifest
+from dser.bench.goals import BEGIN, END, GOALS, read_results, value_at, with_goals
+from dser.bench.padding import _padding_stats
+from dser.bench.run import SECTION_MODULES
+from dser.bench.training import _tensorboard_rate
 from dser.corpora import read_corpus
 
 
@@ -153,3 +160,79 @@ def test_cli_refuses_an_unknown_section_in_one_line(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--only", "speed", "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 1 and "unknown bench section(s) speed" in r.output and "soak" in r.output
     assert "Traceback" not in r.output
+
+
+# ---- the goals table and BENCHMARKS.md ---------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_benchmarks_md_goals_part_is_what_the_goals_table_generates():
+    # After editing GOALS or BENCHMARKS.json: dser bench --results BENCHMARKS.json --write-goals BENCHMARKS.md
+    text = (REPO / "BENCHMARKS.md").read_text()
+    results = read_results(REPO / "BENCHMARKS.json")
+    assert with_goals(text, results, "BENCHMARKS.json") == text
+    for g in GOALS:
+        assert g.met(value_at(results, g.field)) is not None, f"BENCHMARKS.json has no {g.field}"
+
+
+def test_every_goal_names_a_measurement_a_section_produces():
+    for name, module in SECTION_MODULES.items():
+        assert module.NAME == name and all(f.startswith(name + ".") for f in module.MEASURES), name
+    fields = [g.field for g in GOALS]
+    assert len(set(fields)) == len(fields) and len({g.name for g in GOALS}) == len(GOALS)
+    for g in GOALS:
+        section = g.field.split(".")[0]
+        assert section in SECTION_MODULES, f"{g.name}: {g.field} is in no section"
+        assert g.field in SECTION_MODULES[section].MEASURES, f"{g.name}: section {section} does not measure {g.field}"
+        assert g.op in (">=", "<=") and g.unit in ("x", "%", "bytes"), g
+
+
+def test_padding_writes_the_measures_it_declares(tmp_path):
+    r = {"padding": bench.bench_padding(tmp_path, replace(FULL, padding_clips=800), lambda _: None)}
+    for field in padding_section.MEASURES:
+        value = value_at(r, field)
+        assert isinstance(value, float) and value >= 0, (field, value)
+        assert value <= 1 or field.endswith("ratio_dser_to_random"), (field, value)  # shares are at most 1
+
+
+def test_goals_part_is_regenerated_and_the_rest_kept():
+    results = {"command": "dser bench --quick", "pipeline": {"speedup": 1.2},
+               "peft": {"combination": {"peak_rss_ratio": 0.5}}}
+    text = f"# head\n\nkept\n{BEGIN}\nstale table\n{END}\n\n## after\nkept too\n"
+    new = with_goals(text, results)
+    assert new.startswith("# head\n\nkept\n" + BEGIN + "\n## Goals\n")
+    assert new.endswith(f"{END}\n\n## after\nkept too\n")
+    assert "stale" not in new and "`dser bench --quick`" in new
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in new.splitlines() if line.startswith("| ")}
+    assert rows["dser vs the usual pipeline, audio-seconds/s"] == (
+        "| dser vs the usual pipeline, audio-seconds/s | ≥ 1.5× | **1.20×** (fp32 baseline; no bf16-autocast "
+        "variant: no native bf16 here) | **no** | `pipeline.speedup` |")
+    assert "| ≤ 0.7× | **0.50×** | yes |" in rows["PEFT combination vs full, peak memory per rank"]
+    assert "| 0 bytes | not measured | - |" in rows["frozen CNN builds no graph"]
+    assert with_goals(new, results) == new  # generating again changes nothing
+    for broken in ("no markers\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\nonly the first\n"):
+        with pytest.raises(BenchError, match="no generated goals part to replace"):
+            with_goals(broken, results)
+
+
+def test_cli_writes_goals_from_a_results_file(tmp_path):
+    from click.testing import CliRunner
+
+    from dser.cli import main
+
+    md, js = tmp_path / "B.md", tmp_path / "b.json"
+    md.write_text(f"intro\n{BEGIN}\n{END}\nrest\n")
+    js.write_text(json.dumps({"command": "dser bench", "soak": {"rss_growth": 1.2, "rss_growth_per_rank": [1.1, 1.2]}}))
+    r = CliRunner().invoke(main, ["bench", "--results", str(js), "--write-goals", str(md)])
+    assert r.exit_code == 0, r.output
+    assert "| **1.200×** (rank 1; rank 0 1.100×) | **no** | `soak.rss_growth` |" in md.read_text()
+    assert md.read_text().startswith("intro\n") and md.read_text().endswith(f"{END}\nrest\n")
+    for args, message in ((["--results", str(js)], "only --write-goals reads it"),
+                          (["--results", str(tmp_path / "none.json"), "--write-goals", str(md)], "cannot read it"),
+                          (["--results", str(md), "--write-goals", str(md)], "not JSON"),
+                          (["--results", str(js), "--write-goals", str(js)], "no generated goals part"),
+                          (["--results", str(js), "--write-goals", str(md), "--quick", "--only", "padding"],
+                           "nothing runs, so --quick, --only would do nothing")):
+        r = CliRunner().invoke(main, ["bench", *args])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (args, r.output)

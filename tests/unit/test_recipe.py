@@ -10,7 +10,8 @@ Its parts are checked one by one, against what they must equal:
   configured share;
 - ``TrainState`` round-trips through ``state_dict``, and through ``save()`` / ``load()`` in a
   second recipe, which then takes the same next step as the first;
-- ``run()`` trains to the end and writes metrics.json and the export.
+- ``run()`` trains to the end and writes metrics.json and the export;
+- ``model.adaptors: [ia3]`` trains in stage 1, and a fresh IA³ set over the frozen one in stage 2.
 """
 
 from __future__ import annotations
@@ -346,3 +347,35 @@ def test_shards_at_8_and_48_khz_train(process_group, tmp_path, rate):
     batch = recipe.stream.next()
     assert batch["duration_s"] == pytest.approx(float(batch["lengths"].sum()) / 16000)
     assert int(batch["lengths"].max()) <= 16000  # data.max_seconds=1.0 at 16 kHz
+
+
+def test_ia3_trains_in_stage_1_and_a_fresh_set_over_it_in_stage_2(process_group, shards, tmp_path):
+    """``model.adaptors: [ia3]`` through the recipe: stage 1 trains the vectors and exports them
+    (also in peft's format); stage 2 loads them, freezes them and trains a fresh set on top."""
+    import json
+
+    from dser.model.checkpoint_io import load_exported
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    cfg1 = config_file(tmp_path, shards, model={"adaptors": ["ia3"]})
+    assert make_recipe(process_group, ["--stage", "1", "--config", str(cfg1), "--run-dir", str(s1)]).run() == 0
+    params = json.loads((s1 / "metrics.json").read_text())["params"]
+    assert params["ia3"] == {"trainable": 512, "total": 512}  # 2 layers · (key 64 + value 64 + activations 128)
+    assert (s1 / "export" / "ia3" / "adapter_config.json").is_file()
+    first, _, _ = load_exported(s1 / "export")
+    trained = {n: p.detach().clone() for n, p in first.named_parameters() if n.startswith("ia3_")}
+    assert len(trained) == 6 and all(not torch.equal(p, torch.ones_like(p)) for p in trained.values())
+
+    cfg2 = config_file(tmp_path, shards, model={"adaptors": ["ia3"]},
+                       stage2={"fresh_adaptors": ["ia3"], "freeze": ["ia3_vectors.default"]})
+    recipe = make_recipe(process_group, ["--stage", "2", "--init-from", str(s1), "--config", str(cfg2),
+                                         "--run-dir", str(s2)])
+    assert recipe.run() == 0
+    params = json.loads((s2 / "metrics.json").read_text())["params"]
+    assert params["ia3"] == {"trainable": 0, "total": 512} and params["ia3 (stage2)"]["trainable"] == 512
+    assert (s2 / "export" / "ia3" / "stage2" / "adapter_config.json").is_file()
+    second, _, _ = load_exported(s2 / "export")
+    vectors = dict(second.named_parameters())
+    assert all(torch.equal(vectors[n], p) for n, p in trained.items())  # frozen: as stage 1 left them
+    fresh = [p for n, p in vectors.items() if n.startswith("ia3_vectors.stage2.")]
+    assert len(fresh) == 6 and all(not torch.equal(p, torch.ones_like(p)) for p in fresh)

@@ -106,7 +106,7 @@ def test_a_pickled_backbone_file_is_refused_by_dser_naming_it_and_by_transformer
     here); dser checks such files first, to say which one."""
     from safetensors.torch import load_file
 
-    from dser.model.backbone import load_backbone, tiny_backbone_dir
+    from dser.model.backbones import load_backbone, tiny_backbone_dir
 
     d = tiny_backbone_dir("tiny-wavlm", tmp_path / "backbone")
     marker = tmp_path / "MARKER"

@@ -6,7 +6,9 @@ becomes ``y + up(act(down(y)))``, through a forward hook on ``backbone.ffn_modul
 (``backbone.attn_module(i)``). ``up`` starts at zero (weights and bias), so at start the model
 computes exactly what the bare backbone does.
 
-Parameters live in ``model.bneck_adapters[<set>]["ffn<i>" | "attn<i>"]``::
+Settings: ``BottleneckConfig`` (``configs.py``). Parameters live in
+``model.bneck_adapters[<set>]["ffn<i>" | "attn<i>"]`` (the model creates the set container from
+the registry's ``sets``)::
 
     bneck_adapters.default.ffn3.down.weight     (H → dim)
     bneck_adapters.default.ffn3.up.weight       (dim → H, zero at start)
@@ -17,32 +19,16 @@ so the fresh adapter sees the loaded adapter's output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-from dser.config import ConfigError, knob
+from dser.config import ConfigError
+from dser.model.adaptors import ADAPTORS
+from dser.model.adaptors.configs import BottleneckConfig
+from dser.model.adaptors.hooks import rewrite_output, selected_layers
 
-PATTERN = r"^bneck_adapters\.(?P<set>[^.]+)\."
+PATTERN = ADAPTORS["bottleneck"].pattern
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-@dataclass
-class BottleneckConfig:
-    """Bottleneck adapter settings (``model.bottleneck``)."""
-
-    dim: int = knob(64, "bottleneck width (hidden → dim → hidden)")
-    activation: Literal["relu", "gelu", "silu"] = knob("relu", "non-linearity between down- and up-projection")
-    layers: list[int] | None = knob(None, "transformer layer indices to adapt (0-based); null = all layers")
-    after_attention: bool = knob(False, "also adapt each attention block's output (not only the feed-forward's)")
-
-    def __post_init__(self):
-        if self.dim < 1:
-            raise ValueError(f"bottleneck.dim must be at least 1, got {self.dim}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"bottleneck.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
 
 
 class BottleneckAdapter(nn.Module):
@@ -61,20 +47,6 @@ class BottleneckAdapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
-def _residual_hook(adapter: BottleneckAdapter):
-    """A forward hook that passes a block's output (tensor, or tuple led by it) through ``adapter``.
-
-    The adapter is called as a module (not its weights read directly), so ZeRO-3 gathers them.
-    """
-
-    def hook(_module, _inputs, output):
-        if isinstance(output, tuple):
-            return (adapter(output[0]),) + tuple(output[1:])
-        return adapter(output)
-
-    return hook
-
-
 def apply(model, cfg: BottleneckConfig, set_name: str = "default") -> list[str]:
     """Add a set of bottleneck adapters (``model.bneck_adapters[set_name]``) with their hooks.
 
@@ -90,12 +62,9 @@ def apply(model, cfg: BottleneckConfig, set_name: str = "default") -> list[str]:
         ConfigError: a layer index out of range.
     """
     backbone = model.backbone
-    bad = [i for i in cfg.layers or [] if not 0 <= i < backbone.num_layers]
-    if bad:
-        raise ConfigError(f"model.bottleneck.layers: {bad} outside 0..{backbone.num_layers - 1} ({backbone.family})")
+    layers = selected_layers(cfg.layers, backbone, "model.bottleneck.layers")
     if set_name in model.bneck_adapters:
         raise ConfigError(f"a bottleneck set named {set_name!r} is already in the model")
-    layers = sorted(set(cfg.layers)) if cfg.layers is not None else range(backbone.num_layers)
     adapters = nn.ModuleDict()
     model.bneck_adapters[set_name] = adapters
     targeted = []
@@ -106,6 +75,6 @@ def apply(model, cfg: BottleneckConfig, set_name: str = "default") -> list[str]:
         for kind, module in points:
             adapter = BottleneckAdapter(backbone.hidden_size, cfg.dim, cfg.activation)
             adapters[f"{kind}{i}"] = adapter
-            model.hook_handles.append(module.register_forward_hook(_residual_hook(adapter)))
+            rewrite_output(model, module, adapter)
             targeted.append(model.module_name(module))
     return targeted

@@ -17,7 +17,7 @@ exported backbone would then differ from the public checkpoint and have to be sa
 
 Default targets are the family's attention projections (``backbone.lora_targets``: q/k/v/out,
 w2v-BERT's linear_q/k/v/out). WavLM's stock attention would bypass them (it passes the weights
-to ``F.multi_head_attention_forward``); ``backbone.py`` switches it to a module-calling forward,
+to ``F.multi_head_attention_forward``); ``backbones/waveform.py`` switches it to a module-calling forward,
 so LoRA takes effect on every family (tested per family).
 """
 
@@ -25,42 +25,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 
 import peft
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import set_adapter
 
-from dser.config import ConfigError, knob
+from dser.config import ConfigError
+from dser.model.adaptors import ADAPTORS
+from dser.model.adaptors.configs import LoraConfig
+from dser.model.adaptors.hooks import selected_layers
 
 log = logging.getLogger(__name__)
 
 # peft's parameter names: lora_A, lora_B, lora_magnitude_vector (DoRA), then the adapter (set) name.
-PATTERN = r"\.lora_\w+\.(?P<set>[^.]+)(?:\.|$)"
-
-
-@dataclass
-class LoraConfig:
-    """LoRA settings (``model.lora``)."""
-
-    rank: int = knob(8, "LoRA rank r")
-    alpha: float = knob(16.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)")
-    dropout: float = knob(0.0, "dropout on the LoRA branch input (0.05 is common; 0 = off)")
-    target_modules: list[str] | None = knob(
-        None, "module names (suffixes, as peft matches them) to adapt; null = the family's attention "
-        "projections (q_proj, k_proj, v_proj, out_proj; w2v-BERT: linear_q, linear_k, linear_v, linear_out)"
-    )
-    layers: list[int] | None = knob(None, "transformer layer indices to adapt (0-based); null = all layers")
-    use_dora: bool = knob(False, "DoRA: weight-decomposed LoRA (adds a magnitude vector per adapted module)")
-    use_rslora: bool = knob(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(r)")
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("lora.target_modules is an empty list; give module names or null for the default")
+PATTERN = ADAPTORS["lora"].pattern
 
 
 def peft_config(cfg: LoraConfig, backbone) -> peft.LoraConfig:
@@ -101,9 +79,7 @@ def apply(model, cfg: LoraConfig, set_name: str = "default") -> list[str]:
     """
     backbone = model.backbone
     hf_model = backbone.hf_model
-    bad = [i for i in cfg.layers or [] if not 0 <= i < backbone.num_layers]
-    if bad:
-        raise ConfigError(f"model.lora.layers: {bad} outside 0..{backbone.num_layers - 1} ({backbone.family})")
+    selected_layers(cfg.layers, backbone, "model.lora.layers")  # peft takes the list itself
     if set_name in adapter_names(hf_model):
         raise ConfigError(f"a LoRA set named {set_name!r} is already in the model")
     config = peft_config(cfg, backbone)

@@ -7,38 +7,21 @@ channel of every layer, so that model does NOT start as the backbone (each layer
 shrunk before the next layer and the head see it).
 
 Implemented as forward hooks on ``backbone.layers[i]`` rewriting the layer's output (a tensor,
-or a tuple led by it, e.g. WavLM's ``(hidden, position_bias)``). The backbone collects hidden
+or a tuple led by it, e.g. WavLM's ``(hidden, position_bias)``; ``hooks.rewrite_output``). The backbone collects hidden
 states from the hooked outputs, so a gate changes both the next layer's input and the state the
 head (or the weighted sum) sees. Parameters: ``wgate_gates.<layer>.g`` (size H).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-from dser.config import ConfigError, knob
+from dser.model.adaptors import ADAPTORS
+from dser.model.adaptors.configs import WeightGatingConfig
+from dser.model.adaptors.hooks import rewrite_output, selected_layers
 
-PATTERN = r"^wgate_"
-
-
-@dataclass
-class WeightGatingConfig:
-    """Weight-gating settings (``model.weight_gating``)."""
-
-    variant: Literal["identity", "paper"] = knob(
-        "identity",
-        "identity: h * 2*sigmoid(g), g = 0 at start (starts as the backbone); "
-        "paper: h * sigmoid(g), g = 1 at start (the paper's code; gates start at 0.73)",
-    )
-    layers: list[int] | None = knob(None, "transformer layer indices to gate (0-based); null = all layers")
-
-    def __post_init__(self):
-        if self.variant not in ("identity", "paper"):
-            raise ValueError(f"weight_gating.variant must be 'identity' or 'paper', got {self.variant!r}")
+PATTERN = ADAPTORS["weight_gating"].pattern
 
 
 class WeightGate(nn.Module):
@@ -57,15 +40,6 @@ class WeightGate(nn.Module):
         return h * gate.to(h.dtype)
 
 
-def _gate_hook(gate: WeightGate):
-    def hook(_module, _inputs, output):
-        if isinstance(output, tuple):
-            return (gate(output[0]),) + tuple(output[1:])
-        return gate(output)
-
-    return hook
-
-
 def apply(model, cfg: WeightGatingConfig, set_name: str = "default") -> list[str]:
     """Gate each selected layer's output (``model.wgate_gates``).
 
@@ -76,16 +50,13 @@ def apply(model, cfg: WeightGatingConfig, set_name: str = "default") -> list[str
         ConfigError: a layer index out of range.
     """
     backbone = model.backbone
-    bad = [i for i in cfg.layers or [] if not 0 <= i < backbone.num_layers]
-    if bad:
-        raise ConfigError(f"model.weight_gating.layers: {bad} outside 0..{backbone.num_layers - 1} ({backbone.family})")
-    layers = sorted(set(cfg.layers)) if cfg.layers is not None else range(backbone.num_layers)
+    layers = selected_layers(cfg.layers, backbone, "model.weight_gating.layers")
     model.wgate_gates = nn.ModuleDict()
     targeted = []
     for i in layers:
         gate = WeightGate(backbone.hidden_size, cfg.variant)
         model.wgate_gates[str(i)] = gate
         layer = backbone.layers[i]
-        model.hook_handles.append(layer.register_forward_hook(_gate_hook(gate)))
+        rewrite_output(model, layer, gate)
         targeted.append(model.module_name(layer))
     return targeted

@@ -1,6 +1,6 @@
 """Weighted layer sum (SUPERB / s3prl style): the head sees Σ_l softmax(w)_l · h_l over every hidden state.
 
-Without it the head sees the last layer only. ``w`` (``wsum_layers.weights``, one per hidden
+The module becomes the model's ``readout``: without it the head sees the last layer only. ``w`` (``wsum_layers.weights``, one per hidden
 state: the front-end output and each transformer layer) starts at zero, i.e. uniform weights.
 s3prl does not normalise the hidden states first; ``layer_norm: true`` applies a parameter-free
 layer norm to each one before the sum (useful when layer scales differ a lot, e.g. pre-LN
@@ -9,22 +9,14 @@ encoders whose intermediate states are not normalised).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dser.config import knob
+from dser.model.adaptors import ADAPTORS
+from dser.model.adaptors.configs import WeightedSumConfig
 
-PATTERN = r"^wsum_"
-
-
-@dataclass
-class WeightedSumConfig:
-    """Weighted layer sum settings (``model.weighted_sum``)."""
-
-    layer_norm: bool = knob(False, "layer-normalise each hidden state before the sum (s3prl does not)")
+PATTERN = ADAPTORS["weighted_sum"].pattern
 
 
 class WeightedLayerSum(nn.Module):
@@ -45,11 +37,13 @@ class WeightedLayerSum(nn.Module):
 
 
 def apply(model, cfg: WeightedSumConfig, set_name: str = "default") -> list[str]:
-    """Make the head read the weighted sum of all hidden states (``model.wsum_layers``).
+    """Make the head read the weighted sum of all hidden states (``model.wsum_layers``, the model's ``readout``).
 
     Returns:
         A one-line description of what is summed.
     """
     states = model.backbone.num_layers + 1
     model.wsum_layers = WeightedLayerSum(states, cfg.layer_norm)
+    # A bound method, not the module: assigning the module would register it a second time.
+    model.readout = model.wsum_layers.__call__
     return [f"backbone hidden states 0..{states - 1} (front end + {states - 1} layers)"]

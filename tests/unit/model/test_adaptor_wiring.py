@@ -13,7 +13,7 @@ from fixtures_model import audio_batch, build, label_batch, model_config, output
 from peft import PeftModel
 
 import dser.model.build
-from dser.model.backbone import TINY_PRESETS, load_backbone
+from dser.model.backbones import TINY_PRESETS, load_backbone
 from dser.model.build import build_model, parameter_counts
 from dser.model.checkpoint_io import CheckpointError, export_model, load_adaptors, save_adaptors
 

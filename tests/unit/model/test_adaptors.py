@@ -1,4 +1,4 @@
-"""The adaptor table: every tiny backbone × every adaptor alone and the paper's combinations.
+"""The adaptor table: every tiny backbone × every adaptor alone, the paper's combinations and IA³ under LoRA.
 
 For each case: output shapes; exactly the intended parameters train (checked by name, with
 expectations written here, not taken from the implementation) and all of them get non-zero
@@ -16,7 +16,7 @@ import torch
 from fixtures_model import NUM_CLASSES, audio_batch, build, label_batch, outputs, perturb
 from peft import PeftModel
 
-from dser.model.backbone import TINY_PRESETS, load_backbone
+from dser.model.backbones import TINY_PRESETS, load_backbone
 from dser.model.checkpoint_io import export_model, load_adaptors, load_exported, save_adaptors
 
 PRESETS = list(TINY_PRESETS)  # tiny-wavlm, -hubert, -wav2vec2, -data2vec, -whisper, -w2v-bert
@@ -25,6 +25,7 @@ ADAPTOR_SETS = {
     "bottleneck": ["bottleneck"],
     "weighted_sum": ["weighted_sum"],
     "weight_gating": ["weight_gating"],
+    "ia3": ["ia3"],
     "full": ["full"],
     "none": ["none"],
     # the paper's combinations: LoRA+BA, LoRA+WS, BA+WS+WG, LoRA+BA+WS+WG
@@ -32,6 +33,8 @@ ADAPTOR_SETS = {
     "lora+weighted_sum": ["lora", "weighted_sum"],
     "bottleneck+weighted_sum+weight_gating": ["bottleneck", "weighted_sum", "weight_gating"],
     "lora+bottleneck+weighted_sum+weight_gating": ["lora", "bottleneck", "weighted_sum", "weight_gating"],
+    # IA³ under LoRA (LoRA beside the rescaled projections; test_ia3.py also has the other order)
+    "ia3+lora": ["ia3", "lora"],
 }
 TABLE = [pytest.param(p, a, id=f"{p}:{name}") for p in PRESETS for name, a in ADAPTOR_SETS.items()]
 
@@ -54,6 +57,8 @@ def owner(name: str) -> str:
         return "weighted_sum"
     if name.startswith("wgate_"):
         return "weight_gating"
+    if name.startswith("ia3_vectors."):
+        return "ia3"
     assert name.startswith("backbone."), name
     return "backbone"
 
@@ -118,7 +123,8 @@ def test_every_adaptor_update_changes_output(preset, adaptors):
 
 @pytest.mark.parametrize("preset, adaptors", TABLE)
 def test_start_values_leave_hidden_states_unchanged(preset, adaptors):
-    """LoRA (B = 0), bottleneck (up = 0) and weight-gating (2·sigmoid(0) = 1) start as the identity."""
+    """LoRA (B = 0), bottleneck (up = 0), weight-gating (2·sigmoid(0) = 1) and IA³ (vectors of ones)
+    start as the identity."""
     model = build(preset, adaptors)
     bare = load_backbone(preset).eval()
     audio, mask = audio_batch()

@@ -1,6 +1,7 @@
 """Backbone tests: every tiny preset loads, runs, masks padding, freezes its front end, reloads
 from a saved directory, matches the stock transformers forward, and lets LoRA take effect;
-filterbank features match the HF feature extractors. No network (HF_HUB_OFFLINE)."""
+filterbank features match the HF feature extractors; the family registry and the presets agree.
+No network (HF_HUB_OFFLINE)."""
 
 import copy
 import math
@@ -14,17 +15,19 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 from dser.config import ConfigError, from_dict
-from dser.model.backbone import (
+from dser.model.backbones import (
+    FAMILIES,
     REAL_CONFIGS,
     TINY_PRESETS,
     Backbone,
     BackboneConfig,
     BackboneError,
-    WavLMModuleAttention,
     backbone_from_config,
     load_backbone,
     tiny_backbone_dir,
 )
+from dser.model.backbones.presets import _CNN, _TINY
+from dser.model.backbones.waveform import WaveformBackbone, WavLMModuleAttention
 
 PRESETS = list(TINY_PRESETS)
 SR = 16000
@@ -426,6 +429,54 @@ def test_fit_feature_stats_refuses_waveform_families(backbones):
 def test_whisper_refuses_clips_longer_than_30_seconds(backbones):
     with pytest.raises(BackboneError, match="30 s"):
         backbones["tiny-whisper"](torch.zeros(1, 30 * SR + 800))
+
+
+# ---- the family registry -------------------------------------------------------------------
+
+
+def test_registry_and_presets_agree(backbones):
+    """Every tiny preset is of a registered family and every registered family has a tiny preset,
+    so each family runs through every per-preset test here; the real architectures are registered."""
+    preset_types = {name: TINY_PRESETS[name]().model_type for name in PRESETS}
+    unregistered = {name: t for name, t in preset_types.items() if t not in FAMILIES}
+    assert not unregistered, f"presets of model types missing from registry.FAMILIES: {unregistered}"
+    untested = set(FAMILIES) - set(preset_types.values())
+    assert not untested, f"registered families without a tiny preset in presets.TINY_PRESETS: {untested}"
+    assert all(REAL_CONFIGS[name]().model_type in FAMILIES for name in REAL_CONFIGS)
+    for model_type, backbone_class in FAMILIES.items():
+        assert issubclass(backbone_class, Backbone)
+        assert backbone_class.model_class.config_class.model_type == model_type
+    names = [backbone_class.family for backbone_class in FAMILIES.values()]
+    assert len(set(names)) == len(names)
+    for name, model_type in preset_types.items():
+        assert type(backbones[name]) is FAMILIES[model_type], name
+
+
+def test_a_new_family_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
+    """UniSpeech-SAT has wav2vec 2.0's layout: a three-line class and one FAMILIES entry make it
+    load (from a config and from a saved directory) and match its stock forward."""
+    from transformers import UniSpeechSatConfig, UniSpeechSatModel
+
+    class UniSpeechSatBackbone(WaveformBackbone):
+        family = "unispeech-sat"
+        model_class = UniSpeechSatModel
+
+    config = UniSpeechSatConfig(
+        **_TINY, **_CNN, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        feat_extract_norm="group", do_stable_layer_norm=False,
+    )
+    with pytest.raises(BackboneError, match="'unispeech-sat' model"):
+        backbone_from_config(config)
+    monkeypatch.setitem(FAMILIES, "unispeech-sat", UniSpeechSatBackbone)
+    backbone = backbone_from_config(config).eval()
+    backbone.hf_model.save_pretrained(tmp_path)
+    loaded = load_backbone(str(tmp_path)).eval()
+    assert type(loaded) is UniSpeechSatBackbone and loaded.family == "unispeech-sat"
+    clip = tone(0.9)
+    with torch.no_grad():
+        ref = backbone.hf_model(clip[None]).last_hidden_state
+        out = loaded(clip[None])
+    torch.testing.assert_close(out.hidden_states[-1], ref, atol=5e-5, rtol=1e-4)
 
 
 # ---- names and errors ---------------------------------------------------------------------

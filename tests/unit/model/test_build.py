@@ -8,12 +8,12 @@ import math
 import huggingface_hub.constants
 import pytest
 import torch
-from fixtures_model import audio_batch, build, label_batch, model_config, outputs, perturb
+from fixtures_model import audio_batch, build, label_batch, model_config, outputs, perturb, trainable
 from peft.tuners.lora import LoraLayer
 
 from dser.config import ConfigError, from_dict
 from dser.model.adaptors.weighted_sum import WeightedLayerSum
-from dser.model.backbone import load_backbone
+from dser.model.backbones import load_backbone
 from dser.model.build import ModelConfig, build_model, format_parameter_table, summarize_module_names
 
 PAPER = ["lora", "bottleneck", "weighted_sum", "weight_gating"]
@@ -23,10 +23,6 @@ PAPER = ["lora", "bottleneck", "weighted_sum", "weight_gating"]
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def trainable(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ---- config ------------------------------------------------------------------------------

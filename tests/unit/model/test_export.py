@@ -16,7 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from dser.labels import get_label_set
-from dser.model.backbone import load_backbone
+from dser.model.backbones import load_backbone
 from dser.model.checkpoint_io import (
     CheckpointError,
     adaptor_state,

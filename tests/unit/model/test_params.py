@@ -9,7 +9,7 @@ import torch
 from transformers import WavLMModel
 
 from dser.config import ConfigError
-from dser.model.backbone import REAL_CONFIGS
+from dser.model.backbones import REAL_CONFIGS
 from dser.model.build import format_parameter_table, parameter_counts
 
 C = 4  # emotion classes
@@ -32,6 +32,7 @@ def by_hand(arch: str) -> dict[str, int]:
         "bottleneck": layers * (h * D + D + D * h + h),  # down and up projection with biases, per layer
         "weighted_sum": layers + 1,  # one weight per hidden state
         "weight_gating": layers * h,  # one gate vector per layer
+        "ia3": layers * (h + h + 4 * h),  # key and value vectors (H) + the feed-forward activations' (4H)
         "head": h * P + P + P * C + C,  # projector + classifier
     }
 
@@ -54,7 +55,7 @@ def rows(arch: str, adaptors: list[str]) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("arch", list(ARCH))
 @pytest.mark.parametrize(
     "adaptors",
-    [["lora"], ["bottleneck"], ["weighted_sum"], ["weight_gating"], ["none"],
+    [["lora"], ["bottleneck"], ["weighted_sum"], ["weight_gating"], ["ia3"], ["none"], ["ia3", "lora"],
      ["lora", "bottleneck"], ["lora", "weighted_sum"], ["bottleneck", "weighted_sum", "weight_gating"],
      ["lora", "bottleneck", "weighted_sum", "weight_gating"]],
     ids=lambda a: "+".join(a),

@@ -7,7 +7,7 @@ model from ``transformers`` (projector → masked mean pooling → classifier), 
 plain ``torch.optim.AdamW``, one process, fp32 (or bf16 autocast). It imports nothing from dser,
 so ``dser bench`` compares two independent pipelines on the same model, data and step count::
 
-    python dser/bench_baseline.py --manifest corpus/manifest.jsonl --backbone-config wavlm_dir \\
+    python dser/bench/baseline.py --manifest corpus/manifest.jsonl --backbone-config wavlm_dir \\
         --batch-size 8 --max-seconds 6 --steps 8 --out baseline.json
 
 ``--backbone-config`` is a directory holding a transformers ``config.json`` (dser bench writes
@@ -35,6 +35,11 @@ import random
 import sys
 import time
 from pathlib import Path
+
+# Run as a script, Python puts this file's directory (dser/bench/, whose section files include a
+# peft.py) first on sys.path; drop it so `import peft` finds the library, not dser's section.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
 
 import soundfile as sf
 import torch
