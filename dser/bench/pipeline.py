@@ -36,7 +36,7 @@ MEASURES = ("pipeline.speedup", "pipeline.samples_speedup", "pipeline.dser.audio
 def baseline_run(work: Path, sizes: BenchSizes, name: str, ranks: int, log: Callable[[str], None],
                  precision: str = "fp32") -> dict:
     """One run of ``baseline.py`` on the same clips and architecture, measured."""
-    from dser.model.backbone import load_backbone
+    from dser.model.backbones import load_backbone
 
     # The transformers config exactly as dser's backbone runs it: dser turns the architecture's
     # LayerDrop (0.1) and SpecAugment (0.05) off unless configured, so the baseline must too.
