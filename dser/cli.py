@@ -293,53 +293,129 @@ def report(runs_dir, out):
 @click.option("--stage2", "stage2_config", type=click.Path(path_type=Path), help="Stage-2 run config.")
 @click.option("--grid", type=click.Path(path_type=Path), help="Grid file (YAML, like slurm/grid.yaml): a whole "
               "source x target grid instead of one pair.")
-@click.option("--nodes", default=1, show_default=True, help="Nodes per training job.")
-@click.option("--gpus-per-node", default=1, show_default=True, help="GPUs per node; 0 trains on CPUs.")
+@click.option("--nodes", type=int, help="Nodes per training job [slurm/stage1.sh's #SBATCH lines: 1].")
+@click.option("--gpus-per-node", type=int, help="GPUs per node; 0 trains on CPUs [1].")
 @click.option("--ntasks-per-node", type=int, help="Ranks per node (default: one per GPU, or 1 on CPUs).")
-@click.option("--cpus-per-task", type=int, help="CPUs per rank (data workers, OpenMP threads).")
-@click.option("--time", "time_limit", help="Time limit per job, e.g. 12:00:00.")
+@click.option("--cpus-per-task", type=int, help="CPUs per rank (data workers, OpenMP threads) [8].")
+@click.option("--time", "time_limit", help="Time limit per job, e.g. 12:00:00 [24:00:00].")
 @click.option("--partition", help="Slurm partition.")
 @click.option("--account", help="Slurm account.")
 @click.option("--sbatch-option", "extra", multiple=True, metavar="OPTION",
-              help="Further sbatch option, verbatim (repeatable), e.g. --sbatch-option=--qos=high.")
+              help="Further sbatch option for every job, verbatim (repeatable), e.g. --sbatch-option=--qos=high.")
+@click.option("--stage-sbatch", metavar="OPTIONS", default="",
+              help="sbatch options for the training jobs only, as one shell-quoted string (cross_corpus.sh's "
+                   "STAGE_SBATCH), e.g. '--gpus-per-node=4 --ntasks-per-node=4'.")
+@click.option("--shard-sbatch", metavar="OPTIONS", default="",
+              help="sbatch options for the shard tasks only, likewise (SHARD_SBATCH).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of both configs.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), help="Where run directories go.")
 @click.option("--name", help="Run group: runs go to RUNS_DIR/NAME/stage1, …/stage2.")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch commands (a shell script) instead of submitting.")
-@click.option("--wait", is_flag=True, help="Wait for every job to end; exit non-zero unless all completed.")
+@click.option("--wait", is_flag=True, help="Wait for every job to end, print each one's result (and a grid's "
+              "report); exit non-zero unless all completed.")
 @click.option("--poll", default=30.0, show_default=True, help="Seconds between job-state checks with --wait.")
 def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_node, cpus_per_task, time_limit,
-           partition, account, extra, overrides, runs_dir, name, dry_run, wait, poll):
-    """Submit stage 1 and the dependent stage 2 (or a whole grid) to Slurm with sbatch."""
+           partition, account, extra, stage_sbatch, shard_sbatch, overrides, runs_dir, name, dry_run, wait, poll):
+    """Submit stage 1 and the dependent stage 2 (or a whole grid) to Slurm with sbatch.
+
+    This is dser's one Slurm planner: slurm/cross_corpus.sh calls it. Resources not given
+    are the job scripts' #SBATCH defaults (in brackets).
+    """
+    import shlex
+
     from dser.config import ConfigError
     from dser.submit import (GridError, Resources, SubmitError, format_dry_run, format_submitted, load_grid,
-                             plan_jobs, runs_root, submit_jobs, wait_for_jobs)
+                             plan_jobs, runs_root, submit_jobs)
+
+    def options(flag, text):
+        try:
+            return shlex.split(text)
+        except ValueError as e:
+            raise UserError(f"{flag} {text!r}: not shell words ({e})") from e
 
     try:
         resources = Resources(nodes=nodes, gpus_per_node=gpus_per_node, ntasks_per_node=ntasks_per_node,
                               cpus_per_task=cpus_per_task, time=time_limit, partition=partition,
-                              account=account, extra=list(extra))
+                              account=account, extra=list(extra), stage_extra=options("--stage-sbatch", stage_sbatch),
+                              shard_extra=options("--shard-sbatch", shard_sbatch))
         jobs = plan_jobs(stage1_config, stage2_config, grid=load_grid(grid) if grid else None,
                          resources=resources, overrides=list(overrides), runs_dir=runs_dir, name=name)
         if dry_run:
             click.echo(format_dry_run(jobs))
             return
+        runs = runs_root(jobs)
+        if grid:
+            runs.mkdir(parents=True, exist_ok=True)  # dser report's directory, even before a run starts
         ids = submit_jobs(jobs)
     except (GridError, SubmitError, ConfigError, ValueError) as e:
         raise UserError(str(e)) from e
     click.echo(format_submitted(jobs, ids))
-    click.echo(f"afterwards: dser report {runs_root(jobs)}")
-    if not wait:
-        return
+    click.echo(f"dser: submitted {len(jobs)} jobs; afterwards: dser report {runs}")
+    if wait:
+        sys.exit(_wait_for_submitted(jobs, ids, poll, runs if grid else None))
+
+
+def _wait_for_submitted(jobs, ids, poll, report_dir) -> int:
+    """``dser submit --wait``: wait, print each job's result (and the report), return the exit status."""
+    import os
+
+    from dser.submit import format_results, job_results, runs_root, wait_for_jobs
+
     sys.stdout.flush()
-    states = wait_for_jobs(ids, poll=poll, echo=lambda m: click.echo(m))
-    failed = 0
-    for job in jobs:
-        final = states[job.key]
-        ok = bool(final) and all(s == "COMPLETED" for s in final)
-        failed += not ok
-        click.echo(f"{ids[job.key]}  {job.what}: {','.join(final) or 'gone'}")
-    sys.exit(1 if failed else 0)
+    states = wait_for_jobs(ids, poll=poll, echo=lambda m: click.echo(f"dser: {m}"))
+    results = job_results(jobs, states)
+    click.echo("\n" + format_results(results, ids) + "\n")
+    failed = sum(res != "ok" or not states[j.key] or set(states[j.key]) != {"COMPLETED"} for j, _, res in results)
+    if report_dir is not None:
+        from dser.report import ReportError, write_report
+
+        try:
+            click.echo(write_report(report_dir).text())
+        except ReportError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed += 1
+    logs = os.path.commonpath([str(Path(j.log).parent) for j in jobs])
+    if failed:
+        click.echo(f"dser: {failed} of {len(jobs)} job(s) did not complete; logs: {logs}, runs: {runs_root(jobs)}",
+                   err=True)
+        return 1
+    click.echo(f"dser: grid complete: {report_dir}" if report_dir else f"dser: all {len(jobs)} jobs completed")
+    return 0
+
+
+@main.command("grid-shard")
+@click.argument("grid_file", type=click.Path(path_type=Path))
+@click.argument("task", required=False)
+@click.option("--workers", default=1, show_default=True, help="Parallel encoding processes.")
+@click.option("--overwrite", is_flag=True, help="Rebuild shards that exist (index.json).")
+@click.option("--synth-args", default="", metavar="OPTIONS",
+              help="dser synth options for the demo corpora, one shell-quoted string (SYNTH_ARGS).")
+def grid_shard(grid_file, task, workers, overwrite, synth_args):
+    """Shard corpus TASK (its place under corpora:) of GRID_FILE: one task of slurm/shard.sh's array.
+
+    Runs `dser shard --workers N [its shard: options] -- READER ROOT $SHARDS_DIR/NAME`; a demo
+    corpus (synth-acted, synth-natural) is generated first with `dser synth` into ROOT. Shards
+    that exist are kept unless --overwrite. Errors in the grid or the task exit 2.
+    """
+    import shlex
+
+    from dser.grid import GridError, load_grid, shard_task
+
+    try:
+        plan = shard_task(load_grid(grid_file), task, workers=workers, overwrite=overwrite,
+                          synth_args=shlex.split(synth_args))
+    except (GridError, ValueError) as e:
+        error = UserError(str(e))
+        error.exit_code = 2  # the job script's usage error, as before
+        raise error from e
+    if plan.kept:
+        click.echo(f"dser: {plan.out} exists (index.json): kept (RESHARD=1, or --overwrite, rebuilds it)")
+        return
+    if plan.synth:
+        synth.main(plan.synth, prog_name="dser synth", standalone_mode=False)
+    c = plan.corpus
+    click.echo(f"dser: task {plan.task}: {c.name} ({plan.shard[-3]} {plan.shard[-2]}) -> {plan.out}")
+    shard.main(plan.shard, prog_name="dser shard", standalone_mode=False)
 
 
 @main.command()

@@ -1,13 +1,16 @@
 """Cross-corpus grid files (``slurm/grid.yaml``): read as data, checked, never executed.
 
 A grid names the corpora, which of them are sources (stage 1) and targets (stage 2), the two
-run configs and extra ``--set`` overrides. ``dser submit --grid FILE`` plans its jobs from it,
-and ``slurm/cross_corpus.sh`` and ``slurm/shard.sh`` ask ``dser grid FILE QUERY`` for the
-values they need, NUL-separated, and read them into bash arrays with ``mapfile``: whatever
-text a value holds (spaces, ``$(…)``, backticks, ``;``) stays text.
+run configs and extra ``--set`` overrides. Python is the only planner of a grid:
+``dser submit --grid FILE`` (:func:`dser.submit.plan_jobs`) plans its jobs, and
+``slurm/cross_corpus.sh`` calls it; each task of ``slurm/shard.sh``'s array runs ``dser
+grid-shard FILE TASK`` (:func:`shard_task`). ``dser grid FILE QUERY`` prints single values,
+NUL-separated with ``--null``, for people and scripts of their own: whatever text a value holds
+(spaces, ``$(…)``, backticks, ``;``) stays text.
 
-    slurm/grid.yaml ─yaml SafeLoader─▶ load_grid ─▶ Grid ─┬─▶ plan_jobs    (dser submit)
-                                                          └─▶ grid_values  (dser grid FILE QUERY: the scripts)
+    slurm/grid.yaml ─yaml SafeLoader─▶ load_grid ─▶ Grid ─┬─▶ plan_jobs    (dser submit; cross_corpus.sh)
+                                                          ├─▶ shard_task   (dser grid-shard; shard.sh)
+                                                          └─▶ grid_values  (dser grid FILE QUERY)
 
 Usage::
 
@@ -328,6 +331,64 @@ def run_overrides(grid: Grid, shards_dir: Path, source: str, target: str | None 
     if target:
         sets.append(f"data.rehearsal.shards={shard_list(shards_dir, source, c[source].train)}")
     return sets + grid.overrides
+
+
+@dataclass
+class ShardTask:
+    """What one task of ``slurm/shard.sh``'s array does, decided here (``dser grid-shard``).
+
+    Attributes:
+        task: the array task (the corpus's place under ``corpora:``).
+        corpus: the grid's corpus.
+        out: ``SHARDS_DIR/NAME``.
+        kept: the shards exist (``out/index.json``) and are not to be rebuilt: nothing to do.
+        synth: ``dser synth`` arguments that first generate a demo corpus into its root
+            (None: a real corpus, or the demo corpus is there already).
+        shard: the ``dser shard`` arguments.
+    """
+
+    task: int
+    corpus: Corpus
+    out: Path
+    kept: bool
+    synth: list[str] | None
+    shard: list[str]
+
+
+SYNTH_SEEDS = {"synth-acted": 1, "synth-natural": 2}  # the seeds `dser demo` uses
+
+
+def shard_task(grid: Grid, task: str | int | None, shards_dir: Path | None = None, *, workers: int = 1,
+               overwrite: bool = False, synth_args: list[str] = ()) -> ShardTask:
+    """Plan array task ``task`` of ``sbatch --array=… slurm/shard.sh GRID``: shard corpus ``task``.
+
+    The corpus goes to ``SHARDS_DIR/NAME`` with its grid ``shard:`` options; one whose
+    ``index.json`` exists is kept unless ``overwrite``. A demo reader (synth-acted,
+    synth-natural) first generates its corpus into ``root`` with ``dser synth`` (unless
+    ``root/manifest.jsonl`` exists; ``synth_args`` adds options) and is sharded with the
+    manifest reader. ``--`` comes before the paths, so a root that begins with ``-`` is a path.
+
+    Raises:
+        GridError: no task (not an array job), or one past the grid's corpora.
+    """
+    names = list(grid.corpora)
+    tasks = f"0-{len(names) - 1}"
+    if task in (None, ""):
+        raise GridError(f"no array task: submit as an array job: sbatch --array={tasks} slurm/shard.sh {grid.path}")
+    if not str(task).isdigit() or int(task) >= len(names):
+        raise GridError(f"array task {task} but {grid.path} has {len(names)} corpora (tasks {tasks})")
+    c = grid.corpora[names[int(task)]]
+    out = Path(shards_dir or os.environ.get("SHARDS_DIR") or "shards") / c.name
+    kept = (out / "index.json").is_file() and not overwrite
+    reader, root, synth = c.reader, c.root, None
+    if reader in SYNTH_READERS:
+        if not (Path(root) / "manifest.jsonl").is_file():
+            synth = ["--style", reader.removeprefix("synth-"), "--seed", str(SYNTH_SEEDS[reader]), *synth_args,
+                     "--", root]
+        reader, root = "manifest", str(Path(root) / "manifest.jsonl")
+    shard = ["--workers", str(workers), *(["--overwrite"] if overwrite else []), *c.shard_args, "--", reader, root,
+             str(out)]
+    return ShardTask(int(task), c, out, kept, synth, shard)
 
 
 QUERIES = ("name", "corpora", "sources", "targets", "set", "stage1_config", "stage2_config",

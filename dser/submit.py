@@ -1,7 +1,7 @@
 """Submit dser's two stages, or a whole cross-corpus grid, to Slurm: what ``dser submit`` does.
 
-For users who would rather not edit scripts. It builds the same jobs as
-``slurm/cross_corpus.sh`` from the scripts in ``slurm/``, with resources from options:
+It builds the jobs from the scripts in ``slurm/``, with resources from options (those not
+given: the scripts' ``#SBATCH`` defaults):
 
     [dser-shard]   slurm/shard.sh, an array job over grid corpora whose shards are missing
     dser-s1-…      slurm/stage1.sh RUN_DIR CONFIG --set …                  (after the shards)
@@ -22,9 +22,11 @@ Usage::
     grid = load_grid(Path("slurm/grid.yaml"))  # the grid file cross_corpus.sh reads
     jobs = plan_jobs(None, None, grid=grid)  # its stage1_config and stage2_config
 
-A grid file is data (YAML), never executed: :mod:`dser.grid` reads and checks it, and the
-slurm/ scripts get the same checked values from ``dser grid FILE QUERY`` (every run's
-``--set`` values from :func:`dser.grid.run_overrides`, as here).
+A grid file is data (YAML), never executed: :mod:`dser.grid` reads and checks it. This is the
+one Slurm planner: ``slurm/cross_corpus.sh`` calls ``dser submit --grid`` (its STAGE_SBATCH
+and SHARD_SBATCH become ``Resources.stage_extra`` / ``shard_extra``), so the script and
+``--dry-run`` submit the same jobs. ``--wait`` ends with :func:`job_results`: each job judged
+by its outputs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ class SubmitError(RuntimeError):
 
 @dataclass
 class Resources:
-    """What each training job asks Slurm for (None: the script's #SBATCH default).
+    """What each job asks Slurm for; None (or empty): the script's ``#SBATCH`` default.
+
+    Without any of nodes, gpus_per_node and ntasks_per_node, a training job takes the
+    scripts' defaults (slurm/stage1.sh: one node, one GPU, one rank); with any of them, all
+    three are passed (nodes 1 and one GPU unless given, one rank per GPU).
 
     Attributes:
         nodes: nodes per training job.
@@ -67,26 +73,33 @@ class Resources:
         time: time limit per job (``HH:MM:SS``, ``D-HH:MM:SS``).
         partition: Slurm partition.
         account: Slurm account.
-        extra: further sbatch options, verbatim (``--qos=high``, ``--constraint=a100``).
+        extra: further sbatch options for every job, verbatim (``--qos=high``).
+        stage_extra: further sbatch options for the training jobs only (cross_corpus.sh's
+            ``STAGE_SBATCH``), after all the others.
+        shard_extra: the same for the shard tasks (``SHARD_SBATCH``).
     """
 
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int | None = None
+    gpus_per_node: int | None = None
     ntasks_per_node: int | None = None
     cpus_per_task: int | None = None
     time: str | None = None
     partition: str | None = None
     account: str | None = None
     extra: list[str] = field(default_factory=list)
+    stage_extra: list[str] = field(default_factory=list)
+    shard_extra: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.nodes < 1:
+        if self.nodes is not None and self.nodes < 1:
             raise ValueError(f"--nodes {self.nodes}: needs at least 1")
-        if self.gpus_per_node < 0:
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
             raise ValueError(f"--gpus-per-node {self.gpus_per_node}: must be 0 (CPU) or more")
-        if self.ntasks_per_node is not None and self.gpus_per_node and self.ntasks_per_node != self.gpus_per_node:
-            raise ValueError(f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
-                             f"dser runs one rank per GPU; leave --ntasks-per-node out")
+        gpus = 1 if self.gpus_per_node is None else self.gpus_per_node  # stage1.sh's default
+        if self.ntasks_per_node is not None and gpus and self.ntasks_per_node != gpus:
+            raise ValueError(f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node {gpus}: "
+                             f"dser runs one rank per GPU; leave --ntasks-per-node out (or give --gpus-per-node 0 "
+                             f"to train on CPUs)")
 
     def common_options(self) -> list[str]:
         """Options every job gets (time, partition, account, extras)."""
@@ -98,16 +111,19 @@ class Resources:
 
     def training_options(self) -> list[str]:
         """sbatch options of a training job: nodes, one rank per GPU (or tasks), CPUs, …"""
-        tasks = self.ntasks_per_node or self.gpus_per_node or 1
-        out = [f"--nodes={self.nodes}", f"--ntasks-per-node={tasks}", f"--gpus-per-node={self.gpus_per_node}"]
+        out = []
+        if (self.nodes, self.gpus_per_node, self.ntasks_per_node) != (None, None, None):
+            gpus = 1 if self.gpus_per_node is None else self.gpus_per_node
+            tasks = self.ntasks_per_node or gpus or 1
+            out = [f"--nodes={self.nodes or 1}", f"--ntasks-per-node={tasks}", f"--gpus-per-node={gpus}"]
         if self.cpus_per_task:
             out.append(f"--cpus-per-task={self.cpus_per_task}")
-        return out + self.common_options()
+        return out + self.common_options() + list(self.stage_extra)
 
     def shard_options(self) -> list[str]:
         """sbatch options of a shard task (one task; CPUs as for a rank)."""
         out = [f"--cpus-per-task={self.cpus_per_task}"] if self.cpus_per_task else []
-        return out + self.common_options()
+        return out + self.common_options() + list(self.shard_extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,6 +143,7 @@ class Job:
         after: keys of the jobs that must succeed first (``--dependency=afterok``).
         output: where its run writes (a run directory; the shards directory for sharding).
         log: its Slurm log (with ``%j``/``%A``/``%a`` still in it).
+        corpora: for the shard job, the corpora it shards (``output/NAME/index.json`` each).
     """
 
     key: str
@@ -137,6 +154,7 @@ class Job:
     after: list[str]
     output: Path
     log: str
+    corpora: list[str] = field(default_factory=list)
 
 
 def _key(*parts: str) -> str:
@@ -223,8 +241,9 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
     after_shards = []
     if need:
         jobs.append(job("shard", "shard " + " ".join(names[i] for i in need), "dser-shard",
-                        scripts_dir / "shard.sh", [str(grid.path)], [], shards))
+                        scripts_dir / "shard.sh", [str(grid.path.absolute())], [], shards))
         jobs[-1].options.insert(0, "--array=" + ",".join(map(str, need)))
+        jobs[-1].corpora = [names[i] for i in need]
         after_shards = ["shard"]
     for s in grid.sources:
         sets = [*run_overrides(grid, shards, s), *overrides]
@@ -348,3 +367,34 @@ def wait_for_jobs(ids: dict[str, str], poll: float = 30.0, env: dict | None = No
         if not live:
             return states
         time.sleep(poll)
+
+
+def job_results(jobs: list[Job], states: dict[str, list[str]]) -> list[tuple[Job, str, str]]:
+    """(job, Slurm states, result) per job once they have ended; result is "ok" or what is missing.
+
+    Judged by the outputs, not by Slurm's records (they expire, and sacct needs slurmdbd): a
+    shard job succeeded when each of its corpora has ``index.json``, a training job when its
+    run finished (``finished.json``, :class:`dser.rundir.RunDir`).
+    """
+    from dser.rundir import RunDir
+
+    out = []
+    for j in jobs:
+        if j.corpora:
+            missing = [str(j.output / c / "index.json") for c in j.corpora if not (j.output / c / "index.json").is_file()]
+            result = f"missing {', '.join(missing)}" if missing else "ok"
+        else:
+            status = RunDir(j.output).status()
+            result = "ok" if status == "finished" else f"not finished: {status} (no {j.output}/finished.json)"
+        final = states.get(j.key) or []
+        counts = {s: final.count(s) for s in dict.fromkeys(final)}
+        shown = " ".join(f"{n}x{s}" if n > 1 else s for s, n in counts.items()) or "gone"
+        out.append((j, shown, result))
+    return out
+
+
+def format_results(results: list[tuple[Job, str, str]], ids: dict[str, str]) -> str:
+    """The table ``dser submit --wait`` ends with: job, what, Slurm's final state, result."""
+    rows = [("JOB", "WHAT", "SLURM STATE", "RESULT")] + [(ids[j.key], j.what, st, res) for j, st, res in results]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)

@@ -324,6 +324,34 @@ def test_cross_corpus_script_submits_what_dser_submit_plans_text_as_text(tmp_pat
     assert not no_pwned(tmp_path)
 
 
+def test_cross_corpus_script_and_dser_submit_dry_run_plan_the_same_jobs(tmp_path):
+    """One planner: what ``slurm/cross_corpus.sh`` submits is, argument for argument and in the
+    same order, what the script ``dser submit --grid … --dry-run`` prints submits."""
+    path, _ = evil_grid(tmp_path)
+    stage, shard = "--gpus-per-node=0 --ntasks-per-node=2 --comment='two words'", "--cpus-per-task=2"
+    env = script_env(tmp_path, GRID_WAIT="0", STAGE_SBATCH=stage, SHARD_SBATCH=shard)
+    record = tmp_path / "sbatch.jsonl"
+    r = subprocess.run(["bash", str(SLURM_DIR / "cross_corpus.sh"), str(path)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    by_script = [json.loads(line) for line in record.read_text().splitlines()]
+    record.unlink()
+
+    dry = subprocess.run([*DSER, "submit", "--grid", str(path), "--stage-sbatch", stage, "--shard-sbatch", shard,
+                          "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    run = subprocess.run(["bash", "-c", dry.stdout], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    by_dry_run = [json.loads(line) for line in record.read_text().splitlines()]
+
+    assert by_script == by_dry_run
+    shard_job, stage1, stage2 = by_script
+    assert "--array=0,1" in shard_job and "--cpus-per-task=2" in shard_job
+    assert "--comment=two words" in stage1 and "--ntasks-per-node=2" in stage2 and "--cpus-per-task=2" not in stage1
+    assert "--dependency=afterok:101" in stage1 and "--dependency=afterok:102" in stage2
+    assert not no_pwned(tmp_path)
+
+
 def test_cross_corpus_script_refuses_bad_and_bash_grids_before_submitting(tmp_path):
     env = script_env(tmp_path, GRID_WAIT="0")
     sh = write(tmp_path / "grid.sh", BASH_GRID)

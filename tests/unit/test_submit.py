@@ -53,6 +53,14 @@ def test_resources_become_sbatch_options():
         Resources(gpus_per_node=4, ntasks_per_node=2)
     with pytest.raises(ValueError, match="--nodes"):
         Resources(nodes=0)
+    # nothing given: the scripts' #SBATCH defaults; per-kind extras come last, on their kind only
+    assert Resources().training_options() == Resources().shard_options() == []
+    both = Resources(time="1:00:00", stage_extra=["--gpus-per-node=4", "--ntasks-per-node=4"],
+                     shard_extra=["--cpus-per-task=32"])
+    assert both.training_options() == ["--time=1:00:00", "--gpus-per-node=4", "--ntasks-per-node=4"]
+    assert both.shard_options() == ["--time=1:00:00", "--cpus-per-task=32"]
+    with pytest.raises(ValueError, match="one rank per GPU"):
+        Resources(ntasks_per_node=2)  # stage1.sh's one GPU per node
 
 
 def test_two_stages_stage2_after_stage1_from_its_run_dir(tmp_path):
