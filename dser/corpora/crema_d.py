@@ -31,12 +31,12 @@ import re
 from pathlib import Path
 
 from dser.corpora import CorpusError, Listing, Record, read_named_wavs, require_dir
-from dser.corpora.options import Option, parse_fold_count, parse_options
+from dser.corpora.options import N_FOLDS, Option, parse_options
 
 NAME = "crema-d"
 
 OPTIONS: dict[str, Option] = {
-    "n_folds": Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}"),
+    "n_folds": N_FOLDS,
 }
 
 CODES = {"ANG": "angry", "DIS": "disgust", "FEA": "fear", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}

@@ -37,13 +37,13 @@ import re
 from pathlib import Path
 
 from dser.corpora import CorpusError, Listing, Record, read_named_wavs
-from dser.corpora.options import Option, parse_bool, parse_fold_count, parse_options
+from dser.corpora.options import N_FOLDS, Option, parse_bool, parse_options
 
 NAME = "ravdess"
 
 OPTIONS: dict[str, Option] = {
     "include_song": Option(parse_bool, False, "also read sung clips (vocal channel 02)"),
-    "n_folds": Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}"),
+    "n_folds": N_FOLDS,
 }
 
 CODES = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
