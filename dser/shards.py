@@ -5,7 +5,7 @@ which decodes every clip, makes it 16 kHz mono 16-bit, and packs it with its lab
 
     Listing.records ─check ids─▶ sorted by group (reader order within a group)
         │
-        ▼  ``workers`` processes (spawned; results come back in input order)
+        ▼  ``workers`` processes (spawned; results come back in input order): ``dser.shard_encoding``
     soundfile read ─ checks: missing, unreadable, empty, truncated, non-finite
         ─ down-mix (mean of channels) ─ soxr resample (HQ) ─ int16, clipped samples counted
         ─ checks: too short, silent, clipped past --max-clipped ─ FLAC (PCM_16) bytes
@@ -21,6 +21,11 @@ which decodes every clip, makes it 16 kHz mono 16-bit, and packs it with its lab
         samples, seconds), its table (sha256, bytes, rows), hours, speakers, emotion, style,
         emotion × style, attribute and clipped counts; totals; corpus, ROOT, options, dser
         version; every skipped input + reason
+
+This module is the main process's side: ``build_shards`` and its steps, the tar writer
+(``_TarShardWriter``: shards, tables, the ``groups`` section of the index) and the checks that
+keep OUT safe to write and to replace. The encoding and its worker pool are in
+``dser.shard_encoding``.
 
 ``<key>`` is the utt_id with each character outside ``[A-Za-z0-9_-]`` replaced by ``_``
 (webdataset splits a member name at its first dot). The JSON holds ``Record.labels()``
@@ -67,32 +72,26 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import multiprocessing
 import os
 import re
 import shutil
 import signal
-import struct
 import sys
 import tarfile
 import threading
 import time
 from collections import Counter
-from contextlib import closing
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-import soundfile as sf
-import soxr
 
 from dser import __version__
 from dser.corpora import Listing, Record, Skip
 from dser.labels import EMOTIONS, STYLES
 from dser.schema import (FORMAT, INDEX_NAME, SAMPLE_RATES, TABLE_NAME, Sample, ShardError, ShardIndex, TableRow,
-                         encode_table, fresh_dir, group_summary, read_index_json, sha256_file, upgrade_command)
+                         encode_table, fresh_dir, group_summary, read_index_json, sha256_file)
+from dser.shard_encoding import encode_all
 
 __all__ = ["FORMAT", "INDEX_NAME", "MAX_CLIPPED", "ShardError", "ShardIndex", "Stopped", "build_shards", "shard_key"]
 
@@ -102,16 +101,8 @@ _MB = 1 << 20
 # Group names become directory and file names.
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
-# Bytes per sample of the uncompressed subtypes whose WAV data length tells the frame count.
-_SAMPLE_WIDTH = {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3,
-                 "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
-
 # How many skips the printed summary and a --strict error list before "… and N more".
 _SHOW_SKIPS = 10
-
-# Clips longer than this many input frames are decoded, resampled and encoded block by block
-# (bounded memory); shorter ones in one go, as before. Tests lower it to stream small clips.
-BLOCK_FRAMES = 1 << 22
 
 # A clip with more than this share of its samples clipped to 16-bit full scale is skipped.
 MAX_CLIPPED = 0.01
@@ -120,284 +111,6 @@ MAX_CLIPPED = 0.01
 def shard_key(utt_id: str) -> str:
     """The tar key of an utterance: every character outside ``[A-Za-z0-9_-]`` becomes ``_``."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", utt_id)
-
-
-# ───────────────────────────── encoding (worker side) ─────────────────────────────
-
-
-class _BadAudio(Exception):
-    """An input's audio cannot be used; the message is the reason recorded for the skip."""
-
-
-def _wav_data_frames(path: str, subtype: str, channels: int) -> int | None:
-    """Frames a RIFF/WAVE file's ``data`` chunk header promises, or None when unknowable.
-
-    libsndfile quietly shortens a WAV whose data chunk runs past the end of the file, so a
-    truncated WAV reads "fine" unless the header is checked by hand.
-    """
-    width = _SAMPLE_WIDTH.get(subtype)
-    if width is None:
-        return None
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if cid == b"data":
-                # 0 and 0xFFFFFFFF are what streaming writers leave when they never knew the length.
-                return None if size in (0, 0xFFFFFFFF) else size // (width * channels)
-            f.seek(size + (size & 1), os.SEEK_CUR)
-
-
-def _to_int16(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
-    """Decode ``path`` to mono int16 at ``sample_rate``.
-
-    Returns:
-        (T,) int16 samples, and how many of them had to be clipped to 16-bit full scale
-        (float input above 0 dBFS, or resampler overshoot).
-
-    Raises:
-        _BadAudio: missing, unreadable, empty, truncated or non-finite audio.
-    """
-    if not os.path.isfile(path):
-        raise _BadAudio("audio file missing")
-    try:
-        f = sf.SoundFile(path)
-    except sf.LibsndfileError as e:
-        raise _BadAudio(f"unreadable audio ({e.error_string})") from e
-    except RuntimeError as e:
-        raise _BadAudio(f"unreadable audio ({e})") from e
-    with f:
-        sr_in, channels, subtype, frames, fmt = f.samplerate, f.channels, f.subtype, f.frames, f.format
-        if frames == 0:
-            raise _BadAudio("empty audio (0 samples)")
-        # The bit-exact path: already what we store, so never scale through floats.
-        exact = subtype == "PCM_16" and channels == 1 and sr_in == sample_rate
-        try:
-            data = f.read(dtype="int16" if exact else "float64", always_2d=True)  # (T, C)
-        except RuntimeError as e:  # a FLAC/OGG cut short fails in the decoder
-            raise _BadAudio(f"unreadable or truncated audio ({getattr(e, 'error_string', e)})") from e
-    promised = _wav_data_frames(path, subtype, channels) if fmt == "WAV" else None
-    if len(data) == 0:
-        raise _BadAudio("empty audio (0 samples)")
-    promised = max(frames, promised or 0)
-    if len(data) < promised:
-        raise _BadAudio(f"truncated audio: the header promises {promised} samples, "
-                        f"the file holds {len(data)}")
-    if exact:
-        return data[:, 0], 0
-    if not np.isfinite(data).all():
-        raise _BadAudio("non-finite samples (NaN or inf) in the audio")
-    x = data.mean(axis=1)  # (T,) down-mix: the mean keeps the level of correlated channels
-    if sr_in != sample_rate:
-        x = soxr.resample(x, sr_in, sample_rate, quality="HQ")  # (T',)
-    # round(x * 32768) inverts the loader's int16 / 32768; what lies past full scale is clipped
-    # (and counted: float input above 0 dBFS, resampler overshoot).
-    x = np.round(x * 32768.0)
-    clipped = int(np.count_nonzero((x > 32767) | (x < -32768)))
-    return np.clip(x, -32768, 32767).astype(np.int16), clipped
-
-
-def _open(path: str) -> sf.SoundFile:
-    if not os.path.isfile(path):
-        raise _BadAudio("audio file missing")
-    try:
-        return sf.SoundFile(path)
-    except sf.LibsndfileError as e:
-        raise _BadAudio(f"unreadable audio ({e.error_string})") from e
-    except RuntimeError as e:
-        raise _BadAudio(f"unreadable audio ({e})") from e
-
-
-def _encode_streamed(path: str, sample_rate: int, min_duration: float, max_clipped: float) -> tuple[bytes, float, int]:
-    """``_to_int16`` + FLAC for a clip longer than one block, ``BLOCK_FRAMES`` input frames at a time.
-
-    Memory stays at a few blocks plus the FLAC being written, whatever the clip's length: blocks
-    are decoded, down-mixed, resampled by soxr's streaming resampler and written to the FLAC
-    one after another, with clipped samples, silence and truncation counted per block.
-    """
-    with _open(path) as f:
-        sr_in, channels, subtype, frames, fmt = f.samplerate, f.channels, f.subtype, f.frames, f.format
-        exact = subtype == "PCM_16" and channels == 1 and sr_in == sample_rate
-        promised = max(frames, (_wav_data_frames(path, subtype, channels) if fmt == "WAV" else None) or 0)
-        stream = None if exact or sr_in == sample_rate else soxr.ResampleStream(
-            sr_in, sample_rate, 1, dtype="float64", quality="HQ")
-        buf = io.BytesIO()
-        read = written = clipped = 0
-        sound = False
-        with sf.SoundFile(buf, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as flac:
-            while True:
-                try:
-                    block = f.read(BLOCK_FRAMES, dtype="int16" if exact else "float64", always_2d=True)  # (B, C)
-                except RuntimeError as e:
-                    raise _BadAudio(f"unreadable or truncated audio ({getattr(e, 'error_string', e)})") from e
-                read += len(block)
-                last = len(block) < BLOCK_FRAMES
-                if exact:
-                    out = block[:, 0]
-                else:
-                    if not np.isfinite(block).all():
-                        raise _BadAudio("non-finite samples (NaN or inf) in the audio")
-                    x = block.mean(axis=1)  # (B,)
-                    del block
-                    if stream is not None:
-                        x = stream.resample_chunk(x, last=last)  # (B',)
-                    x = np.round(x * 32768.0)
-                    clipped += int(np.count_nonzero((x > 32767) | (x < -32768)))
-                    out = np.clip(x, -32768, 32767).astype(np.int16)
-                    del x
-                sound = sound or bool(out.any())
-                written += len(out)
-                flac.write(out)
-                del out
-                if last:
-                    break
-    if read < promised:
-        raise _BadAudio(f"truncated audio: the header promises {promised} samples, the file holds {read}")
-    duration = written / sample_rate
-    _check_clip(written, duration, sound, clipped, min_duration, max_clipped)
-    data = buf.getvalue()
-    del buf  # one copy of the FLAC, not two, goes back through the pool
-    return data, duration, clipped
-
-
-def _check_clip(samples: int, duration: float, sound: bool, clipped: int, min_duration: float,
-                max_clipped: float) -> None:
-    if duration < min_duration:
-        raise _BadAudio(f"too short: {duration:.3f} s (< min_duration {min_duration:g} s)")
-    if not sound:
-        raise _BadAudio("silent audio: every sample is zero")
-    if clipped > max_clipped * samples:
-        raise _BadAudio(f"clipped: {clipped} of {samples} samples ({clipped / samples:.1%}) lie past "
-                        f"full scale (> --max-clipped {max_clipped:g}); lower its level, or raise --max-clipped")
-
-
-def _encode(task: tuple) -> tuple[bytes, float, int] | str:
-    """Worker entry point (top level, so spawned processes can import it).
-
-    Args:
-        task: ``(path, sample_rate, min_duration, max_clipped[, max_duration])``.
-
-    Returns:
-        ``(flac_bytes, duration_seconds, clipped_samples)``, or the reason the input is skipped.
-    """
-    path, sample_rate, min_duration, max_clipped, *rest = task
-    max_duration = rest[0] if rest else None
-    try:
-        with _open(path) as f:
-            frames, sr_in = f.frames, f.samplerate
-        if max_duration is not None and frames / sr_in > max_duration:
-            raise _BadAudio(f"too long: {frames / sr_in:.1f} s by its header (> --max-duration {max_duration:g} s)")
-        if frames > BLOCK_FRAMES:
-            return _encode_streamed(path, sample_rate, min_duration, max_clipped)
-        # One block: today's one-shot path, so these shards stay byte-identical.
-        audio, clipped = _to_int16(path, sample_rate)  # (T,) int16
-        duration = len(audio) / sample_rate
-        if duration < min_duration:
-            raise _BadAudio(f"too short: {duration:.3f} s (< min_duration {min_duration:g} s)")
-        if not audio.any():
-            raise _BadAudio("silent audio: every sample is zero")
-        if clipped > max_clipped * len(audio):
-            raise _BadAudio(f"clipped: {clipped} of {len(audio)} samples ({clipped / len(audio):.1%}) lie past "
-                            f"full scale (> --max-clipped {max_clipped:g}); lower its level, or raise --max-clipped")
-        buf = io.BytesIO()
-        sf.write(buf, audio, sample_rate, format="FLAC", subtype="PCM_16")
-        return buf.getvalue(), duration, clipped
-    except _BadAudio as e:
-        return str(e)
-    except (ValueError, OSError, RuntimeError) as e:  # soxr, file system, libsndfile on odd input
-        return f"could not encode audio ({type(e).__name__}: {e})"
-
-
-# prctl(2) option: the signal a process gets when the thread that created it dies.
-_PR_SET_PDEATHSIG = 1
-
-
-def _worker_init(parent: int) -> None:
-    """Pool initializer: a worker dies with the sharder, however the sharder ends.
-
-    A SIGKILLed parent runs no cleanup, so each worker asks the kernel for SIGKILL when its
-    parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``) and also watches ``os.getppid()`` from a
-    thread (any POSIX system; re-parenting changes it). SIGINT is ignored: a Ctrl-C reaches
-    the whole process group, and the parent alone decides to stop, then terminates the pool.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the watchdog below still works
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-    def watchdog():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watchdog, name="dser-parent-watchdog", daemon=True).start()
-
-
-class Stopped(BaseException):
-    """The sharder got SIGTERM (SIGINT stays KeyboardInterrupt); ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-def _raise_stopped(signum, frame):
-    # Once only: a second SIGTERM during the cleanup must not cut the cleanup short.
-    signal.signal(signum, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-def _encode_all(tasks: list[tuple[str, int, float, float]], workers: int) -> Iterator[tuple[bytes, float, int] | str]:
-    """Encode in input order, in this process or a pool of spawned ones."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_encode, tasks)
-        return
-    # spawn, not fork: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock.
-    ctx = multiprocessing.get_context("spawn")
-    with _signals_held() as held:
-        pool = ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(os.getpid(),))
-    with pool:
-        held.deliver()  # a signal during start-up stops here, where leaving the block terminates the pool
-        yield from pool.imap(_encode, tasks, chunksize=4)
-
-
-class _signals_held:
-    """Hold SIGINT and SIGTERM while a pool starts; ``deliver()`` raises the first one after.
-
-    A signal while ``Pool()`` starts its workers (KeyboardInterrupt, ``Stopped``) would cut a
-    worker's start-up data short, and ``Pool`` cleans up only after an ``Exception``: the
-    half-started workers printed tracebacks after the sharder's last line. Held signals go to
-    the handlers they were meant for, once the pool exists and the ``with pool`` block can
-    terminate it. Outside the main thread (no handlers can be set) nothing is held.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> "_signals_held":
-        self.got: list[int] = []
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, lambda signum, _frame: self.got.append(signum)) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-    def deliver(self) -> None:
-        if self.got:
-            signal.raise_signal(self.got[0])
 
 
 # ───────────────────────────── writing (main process) ─────────────────────────────
@@ -524,7 +237,37 @@ class _TarShardWriter:
 # ───────────────────────────── the build ─────────────────────────────
 
 
-def _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers) -> None:
+class Stopped(BaseException):
+    """The sharder got SIGTERM (SIGINT stays KeyboardInterrupt); ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    # Once only: a second SIGTERM during the cleanup must not cut the cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (kill, timeout, docker stop) raises ``Stopped`` inside the block, so the build's
+    cleanup removes the .partial directory and tears the pool down, as it already does for
+    Ctrl-C. Outside the main thread (no handlers can be set) nothing changes."""
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, max_duration, max_clipped,
+                   workers) -> None:
+    """One ``ShardError`` line for the first bad option, named as the CLI spells it."""
     if not isinstance(sample_rate, int) or sample_rate not in SAMPLE_RATES:
         raise ShardError(f"--sample-rate must be one of {', '.join(map(str, SAMPLE_RATES))} (Hz), got {sample_rate!r}")
     if not max_shard_mb > 0:
@@ -535,6 +278,10 @@ def _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, w
         raise ShardError(f"--min-duration must be >= 0 seconds, got {min_duration!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ShardError(f"--workers must be a positive integer, got {workers!r}")
+    if max_duration is not None and not max_duration > 0:
+        raise ShardError(f"--max-duration must be a positive number of seconds, got {max_duration!r}")
+    if not 0 <= max_clipped <= 1:
+        raise ShardError(f"--max-clipped must be a fraction in [0, 1], got {max_clipped!r}")
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -707,7 +454,8 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         max_shard_samples: start a new shard past this many samples (None: no limit).
         min_duration: clips shorter than this (seconds, after conversion) are skipped.
         max_duration: clips longer than this (seconds, by their header, before decoding) are
-            skipped; None: no limit. Any length is encoded in bounded memory (``BLOCK_FRAMES``).
+            skipped; None: no limit. Any length is encoded in bounded memory
+            (``dser.shard_encoding.BLOCK_FRAMES``).
         max_clipped: clips with more than this share of samples past 16-bit full scale
             (float input above 0 dBFS) are skipped; below it they are clipped and counted.
         workers: encoding processes; the output is byte-identical for any value. They are
@@ -725,20 +473,46 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
 
     Raises:
         ShardError: a bad option; OUT exists (without ``overwrite``) or is not wholly a shard
-            directory; OUT is or contains the current directory, $HOME, ROOT or an input; a group name unfit for a directory; nothing left to shard; ``strict``
-            with skipped inputs (naming them). OUT is untouched in every case.
+            directory; OUT is or contains the current directory, $HOME, ROOT or an input; a group
+            name unfit for a directory; nothing left to shard; ``strict`` with skipped inputs
+            (naming them). OUT is untouched in every case.
     """
-    _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, workers)
-    if max_duration is not None and not max_duration > 0:
-        raise ShardError(f"--max-duration must be a positive number of seconds, got {max_duration!r}")
-    if not 0 <= max_clipped <= 1:
-        raise ShardError(f"--max-clipped must be a fraction in [0, 1], got {max_clipped!r}")
+    _check_options(sample_rate, max_shard_mb, max_shard_samples, min_duration, max_duration, max_clipped, workers)
     out = Path(out).expanduser().absolute()
     protected = _protected(listing, root)
     _check_out(out, overwrite, protected)
     records, id_skips = _plan(listing)
     # A reader may name a non-UTF-8 file in a skip; shown by repr, it still prints and saves.
     skipped = [Skip(_shown(s.input), _shown(s.reason)) for s in listing.skipped] + id_skips
+    tmp = _make_partial(out)
+    options = {"reader": reader or corpus, "sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
+               "max_shard_samples": max_shard_samples, "min_duration": min_duration, "max_duration": max_duration,
+               "max_clipped": max_clipped, "workers": workers, "overwrite": overwrite, "strict": strict}
+    with _sigterm_stops():
+        writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
+        started = time.monotonic()
+        try:
+            tasks = [(str(r.path), sample_rate, min_duration, max_clipped, max_duration) for r in records]
+            _encode_into(writer, records, tasks, workers, skipped, desc=f"shard {corpus}", progress=progress)
+            groups = writer.close()
+            _check_outcome(groups, skipped, strict=strict, out=out, corpus=corpus, n_records=len(listing.records))
+            index = ShardIndex(out, _index_data(groups, writer.records, skipped, corpus=corpus, root=root,
+                                                sample_rate=sample_rate, options=options))
+            index.save(tmp)  # last: a directory with index.json is a finished one
+            _publish(tmp, out, overwrite, protected)
+        except BaseException as e:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno is not None:  # full disk, read-only or vanished OUT
+                raise ShardError(_unwritable(out, e)) from None
+            raise
+    print(_summary(out, index, skipped, max_clipped, time.monotonic() - started))
+    return index
+
+
+def _make_partial(out: Path) -> Path:
+    """Create OUT's parent and, in it, the hidden sibling ``.<OUT>.partial-<pid>`` to build in
+    (noting any a killed run left there)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError as e:  # a file where a directory of OUT's path should be
@@ -749,82 +523,80 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
     if leftovers:
         print(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; safe to delete",
               file=sys.stderr)
-
-    from tqdm import tqdm  # only the sharder draws progress bars
-
     try:
-        tmp = fresh_dir(out.parent / f".{out.name}.partial-{os.getpid()}")  # a hidden sibling to build in
+        return fresh_dir(out.parent / f".{out.name}.partial-{os.getpid()}")
     except OSError as e:
         raise ShardError(_unwritable(out, e)) from None
-    # SIGTERM (kill, timeout, docker stop) becomes an exception, so the cleanup below removes
-    # the .partial directory and tears the pool down, as it already does for Ctrl-C.
-    in_main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _raise_stopped) if in_main else None
-    writer = _TarShardWriter(tmp, max_bytes=int(max_shard_mb * _MB), max_samples=max_shard_samples)
-    started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
-    try:
-        tasks = [(str(r.path), sample_rate, min_duration, max_clipped, max_duration) for r in records]
-        # closing(): on an error below, the pool is torn down now, not whenever GC gets to it.
-        with closing(_encode_all(tasks, workers)) as results, \
-                tqdm(total=len(records), unit="utt", desc=f"shard {corpus}", file=sys.stderr,
-                     disable=not progress, dynamic_ncols=True) as bar:
-            for record, result in zip(records, results):
-                if isinstance(result, str):
-                    skipped.append(Skip(str(record.path), result))
-                else:
-                    writer.add(record, *result)
-                    audio_seconds += result[1]
-                bar.update(1)
-                now = time.monotonic()
-                if now - last_postfix > 0.5 or bar.n == len(records):
-                    bar.set_postfix_str(f"{audio_seconds / max(now - started, 1e-9):.0f}× real time")
-                    last_postfix = now
-        groups = writer.close()
-        if strict and skipped:
-            print("\n".join(["skipped inputs:", *_format_skips(skipped, None)]), file=sys.stderr)
-            raise ShardError(f"--strict: {len(skipped)} input(s) skipped, so {out} was not written: "
-                             + "; ".join(f"{s.input} ({s.reason})" for s in skipped[:_SHOW_SKIPS])
-                             + (f"; … and {len(skipped) - _SHOW_SKIPS} more" if len(skipped) > _SHOW_SKIPS else ""))
-        if not groups:
-            reasons = "; ".join(f"{s.input} ({s.reason})" for s in skipped[:3])
-            raise ShardError(f"nothing to shard for {corpus}: {len(listing.records)} record(s), "
-                             f"{len(skipped)} input(s) skipped" + (f", e.g. {reasons}" if reasons else ""))
-        all_records = [r for g in groups for r in writer.records[g]]
-        index = ShardIndex(out, {
-            "format": FORMAT,
-            "corpus": corpus,
-            "root": str(Path(root).expanduser().absolute()),
-            "dser_version": __version__,
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "sample_rate": sample_rate,
-            "options": {"reader": reader or corpus, "sample_rate": sample_rate, "max_shard_mb": max_shard_mb,
-                        "max_shard_samples": max_shard_samples, "min_duration": min_duration, "max_duration": max_duration,
-                        "max_clipped": max_clipped, "workers": workers, "overwrite": overwrite,
-                        "strict": strict},
-            "groups": groups,
-            "totals": {"samples": len(all_records),
-                       "hours": round(sum(s["seconds"] for g in groups.values() for s in g["shards"]) / 3600, 6),
-                       "shards": sum(len(g["shards"]) for g in groups.values()),
-                       "emotions": _label_counts(r.emotion for r in all_records),
-                       "styles": _label_counts(r.style for r in all_records),
-                       "clipped": {k: sum(g["clipped"][k] for g in groups.values()) for k in ("samples", "clips")}},
-            "skipped": [{"input": s.input, "reason": s.reason} for s in skipped],
-        })
-        index.save(tmp)  # last: a directory with index.json is a finished one
-        _publish(tmp, out, overwrite, protected)
-    except BaseException as e:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno is not None:  # full disk, read-only or vanished OUT
-            raise ShardError(_unwritable(out, e)) from None
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old_term)
 
-    t = index.totals
+
+def _encode_into(writer: _TarShardWriter, records: list[Record], tasks: list[tuple], workers: int,
+                 skipped: list[Skip], *, desc: str, progress: bool) -> None:
+    """Encode each record (its ``tasks`` entry) and add it to ``writer``, in input order; an
+    input that cannot be used goes to ``skipped`` with its reason. The tqdm bar (on stderr)
+    counts utterances and shows the audio encoded per second of wall time (× real time)."""
+    from tqdm import tqdm  # only the sharder draws progress bars
+
+    started, audio_seconds, last_postfix = time.monotonic(), 0.0, 0.0
+    # closing(): on an error, the pool is torn down now, not whenever GC gets to it.
+    with closing(encode_all(tasks, workers)) as results, \
+            tqdm(total=len(records), unit="utt", desc=desc, file=sys.stderr,
+                 disable=not progress, dynamic_ncols=True) as bar:
+        for record, result in zip(records, results):
+            if isinstance(result, str):
+                skipped.append(Skip(str(record.path), result))
+            else:
+                writer.add(record, *result)
+                audio_seconds += result[1]
+            bar.update(1)
+            now = time.monotonic()
+            if now - last_postfix > 0.5 or bar.n == len(records):
+                bar.set_postfix_str(f"{audio_seconds / max(now - started, 1e-9):.0f}× real time")
+                last_postfix = now
+
+
+def _check_outcome(groups: dict[str, dict], skipped: list[Skip], *, strict: bool, out: Path, corpus: str,
+                   n_records: int) -> None:
+    """Refuse to publish under ``strict`` when an input was skipped (printing them all), or
+    when no sample is left."""
+    if strict and skipped:
+        print("\n".join(["skipped inputs:", *_format_skips(skipped, None)]), file=sys.stderr)
+        raise ShardError(f"--strict: {len(skipped)} input(s) skipped, so {out} was not written: "
+                         + "; ".join(f"{s.input} ({s.reason})" for s in skipped[:_SHOW_SKIPS])
+                         + (f"; … and {len(skipped) - _SHOW_SKIPS} more" if len(skipped) > _SHOW_SKIPS else ""))
+    if not groups:
+        reasons = "; ".join(f"{s.input} ({s.reason})" for s in skipped[:3])
+        raise ShardError(f"nothing to shard for {corpus}: {n_records} record(s), "
+                         f"{len(skipped)} input(s) skipped" + (f", e.g. {reasons}" if reasons else ""))
+
+
+def _index_data(groups: dict[str, dict], records: dict[str, list[Record]], skipped: list[Skip], *, corpus: str,
+                root: Path, sample_rate: int, options: dict) -> dict:
+    """The ``index.json`` of a finished build (``dser-shards/2``, ``dser.schema``)."""
+    all_records = [r for g in groups for r in records[g]]
+    return {
+        "format": FORMAT,
+        "corpus": corpus,
+        "root": str(Path(root).expanduser().absolute()),
+        "dser_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sample_rate": sample_rate,
+        "options": options,
+        "groups": groups,
+        "totals": {"samples": len(all_records),
+                   "hours": round(sum(s["seconds"] for g in groups.values() for s in g["shards"]) / 3600, 6),
+                   "shards": sum(len(g["shards"]) for g in groups.values()),
+                   "emotions": _label_counts(r.emotion for r in all_records),
+                   "styles": _label_counts(r.style for r in all_records),
+                   "clipped": {k: sum(g["clipped"][k] for g in groups.values()) for k in ("samples", "clips")}},
+        "skipped": [{"input": s.input, "reason": s.reason} for s in skipped],
+    }
+
+
+def _summary(out: Path, index: ShardIndex, skipped: list[Skip], max_clipped: float, seconds: float) -> str:
+    """What a finished build prints: per group its samples, hours and shards; clipping; skips."""
+    t, groups = index.totals, index.data["groups"]
     lines = [f"wrote {out}: {len(groups)} group(s), {t['samples']} samples in {t['shards']} shard(s), "
-             f"{t['hours']:.2f} h, in {time.monotonic() - started:.1f} s"]
+             f"{t['hours']:.2f} h, in {seconds:.1f} s"]
     lines += [f"  {g}: {e['samples']} samples, {e['hours']:.2f} h, {len(e['shards'])} shard(s)"
               for g, e in groups.items()]
     clipped = t["clipped"]
@@ -837,5 +609,4 @@ def build_shards(listing: Listing, out: Path, *, corpus: str, root: Path, sample
         lines.append(f"skipped {len(skipped)} input(s) (all listed in {out / INDEX_NAME}):")
         lines += _format_skips(skipped, _SHOW_SKIPS)
     lines.append(f"index: {out / INDEX_NAME}")
-    print("\n".join(lines))
-    return index
+    return "\n".join(lines)

@@ -5,6 +5,11 @@ Listing``. It never decodes audio: it parses label files and names, checks that 
 file exists, and returns ``Record``s plus the inputs it had to skip (with a reason). Audio
 problems (truncated, silent, too short …) are found later, when ``dser.shards`` encodes.
 
+What the readers share lives here: ``Record``, ``Skip`` and ``Listing``; ``assign_folds``
+(speaker-independent folds); ``audio_file_problem``; ``read_named_wavs``, the whole scan of the
+corpora whose file names carry the labels (CREMA-D, RAVDESS, EmoDB: each gives it a pattern and
+a function from a match to a record or a skip reason); ``require_dir`` / ``require_file``.
+
 Usage::
 
     from dser.corpora import read_corpus
@@ -17,8 +22,10 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import re
 import stat
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,6 +154,45 @@ def audio_file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     return None
+
+
+def read_named_wavs(folders: list[Path], name: re.Pattern, expected: str,
+                    record_of: Callable[[Path, re.Match], Record | str], n_folds: int) -> Listing:
+    """The reading a corpus does whose file names carry every label (CREMA-D, RAVDESS, EmoDB).
+
+    Every ``.wav`` in ``folders`` (each in name order) is an input; other and hidden files
+    (videos, ``.DS_Store`` …) are not. An input that is not a readable file
+    (``audio_file_problem``), whose stem ``name`` does not match, or that ``record_of`` turns
+    down is skipped with the reason; the records are grouped into speaker-independent folds
+    (``assign_folds``), so that the group of each is ``fold0`` … ``fold{n_folds-1}``.
+
+    Args:
+        folders: the folders holding the clips, in the order to read them.
+        name: the file-name pattern, matched against the stem; its groups hold the labels.
+        expected: the name's form for the skip reason ``name is not {expected}``.
+        record_of: the record of a well-named clip (given its match), or why it is skipped.
+        n_folds: number of folds.
+
+    Returns:
+        The records and the skipped inputs, in reading order.
+    """
+    listing = Listing([])
+    for folder in folders:
+        for wav in sorted(folder.iterdir()):
+            if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
+                continue
+            result = audio_file_problem(wav)
+            if result is None:
+                m = name.match(wav.stem)
+                result = record_of(wav, m) if m else f"name is not {expected}"
+            if isinstance(result, str):
+                listing.skipped.append(Skip(str(wav), result))
+            else:
+                listing.records.append(result)
+    folds = assign_folds({r.utt_id: r.speaker for r in listing.records}, n_folds)
+    for r in listing.records:
+        r.group = folds[r.utt_id]
+    return listing
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -30,14 +30,13 @@ import csv
 import re
 from pathlib import Path
 
-from dser.corpora import (CorpusError, Listing, Record, Skip, assign_folds, audio_file_problem,
-                          require_dir)
-from dser.corpora.options import Option, parse_fold_count, parse_options
+from dser.corpora import CorpusError, Listing, Record, read_named_wavs, require_dir
+from dser.corpora.options import N_FOLDS, Option, parse_options
 
 NAME = "crema-d"
 
 OPTIONS: dict[str, Option] = {
-    "n_folds": Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}"),
+    "n_folds": N_FOLDS,
 }
 
 CODES = {"ANG": "angry", "DIS": "disgust", "FEA": "fear", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
@@ -68,37 +67,19 @@ def read(root: Path, **options) -> Listing:
     audio = require_dir(root / "AudioWAV", "crema-d audio folder")
     gender_of = _read_demographics(root / "VideoDemographics.csv")
 
-    listing = Listing([])
-    for wav in sorted(audio.iterdir()):
-        if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
-            continue
-        problem = audio_file_problem(wav)
-        if problem:
-            listing.skipped.append(Skip(str(wav), problem))
-            continue
-        m = _NAME.match(wav.stem)
-        if not m:
-            listing.skipped.append(Skip(str(wav), "name is not <actor>_<sentence>_<emotion>_<level>.wav "
-                                                  "(e.g. 1001_DFA_ANG_XX.wav)"))
-            continue
-        actor, sentence, code, level = m.groups()
-        if code not in CODES:
-            listing.skipped.append(Skip(str(wav), f"unknown emotion code {code!r} in {wav.name}; "
-                                                  f"expected one of {', '.join(CODES)}"))
-            continue
-        if level not in LEVELS:
-            listing.skipped.append(Skip(str(wav), f"unknown emotion level {level!r} in {wav.name}; "
-                                                  f"expected one of {', '.join(LEVELS)}"))
-            continue
-        listing.records.append(Record(
-            utt_id=wav.stem, path=wav, corpus=NAME, group="", speaker=actor,
-            gender=gender_of.get(actor), emotion=CODES[code], emotion_raw=code, style="acted",
-            extra={"sentence": sentence, "level": level}))
+    return read_named_wavs([audio], _NAME, "<actor>_<sentence>_<emotion>_<level>.wav (e.g. 1001_DFA_ANG_XX.wav)",
+                           lambda wav, m: _record(wav, m, gender_of), opts["n_folds"])
 
-    folds = assign_folds({r.utt_id: r.speaker for r in listing.records}, opts["n_folds"])
-    for r in listing.records:
-        r.group = folds[r.utt_id]
-    return listing
+
+def _record(wav: Path, m: re.Match, gender_of: dict[str, str]) -> Record | str:
+    """The record of a well-named clip, or why it is skipped."""
+    actor, sentence, code, level = m.groups()
+    if code not in CODES:
+        return f"unknown emotion code {code!r} in {wav.name}; expected one of {', '.join(CODES)}"
+    if level not in LEVELS:
+        return f"unknown emotion level {level!r} in {wav.name}; expected one of {', '.join(LEVELS)}"
+    return Record(utt_id=wav.stem, path=wav, corpus=NAME, group="", speaker=actor, gender=gender_of.get(actor),
+                  emotion=CODES[code], emotion_raw=code, style="acted", extra={"sentence": sentence, "level": level})
 
 
 def _read_demographics(path: Path) -> dict[str, str]:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dser.corpora import Listing, Record, Skip, assign_folds, audio_file_problem, require_dir
-from dser.corpora.options import Option, parse_fold_count, parse_options
+from dser.corpora import Listing, Record, read_named_wavs, require_dir
+from dser.corpora.options import N_FOLDS, Option, parse_options
 
 NAME = "emodb"
 
 OPTIONS: dict[str, Option] = {
-    "n_folds": Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}"),
+    "n_folds": N_FOLDS,
 }
 
 CODES = {"W": "angry", "L": "boredom", "E": "disgust", "A": "fear", "F": "happy", "T": "sad", "N": "neutral"}
@@ -61,30 +61,14 @@ def read(root: Path, **options) -> Listing:
     opts = parse_options(NAME, options, OPTIONS)
     audio = require_dir(Path(root) / "wav", "emodb audio folder")
 
-    listing = Listing([])
-    for wav in sorted(audio.iterdir()):
-        if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
-            continue
-        problem = audio_file_problem(wav)
-        if problem:
-            listing.skipped.append(Skip(str(wav), problem))
-            continue
-        m = _NAME.match(wav.stem)
-        if not m:
-            listing.skipped.append(Skip(str(wav), "name is not <speaker><text><emotion><version>.wav "
-                                                  "(e.g. 03a01Fa.wav)"))
-            continue
-        speaker, text, code, version = m.groups()
-        if code not in CODES:
-            listing.skipped.append(Skip(str(wav), f"unknown emotion code {code!r} in {wav.name}; "
-                                                  f"expected one of {', '.join(CODES)}"))
-            continue
-        listing.records.append(Record(
-            utt_id=wav.stem, path=wav, corpus=NAME, group="", speaker=speaker,
-            gender=GENDERS.get(speaker), emotion=CODES[code], emotion_raw=code, style="acted",
-            extra={"text": text, "version": version}))
+    return read_named_wavs([audio], _NAME, "<speaker><text><emotion><version>.wav (e.g. 03a01Fa.wav)", _record,
+                           opts["n_folds"])
 
-    folds = assign_folds({r.utt_id: r.speaker for r in listing.records}, opts["n_folds"])
-    for r in listing.records:
-        r.group = folds[r.utt_id]
-    return listing
+
+def _record(wav: Path, m: re.Match) -> Record | str:
+    """The record of a well-named clip, or why it is skipped."""
+    speaker, text, code, version = m.groups()
+    if code not in CODES:
+        return f"unknown emotion code {code!r} in {wav.name}; expected one of {', '.join(CODES)}"
+    return Record(utt_id=wav.stem, path=wav, corpus=NAME, group="", speaker=speaker, gender=GENDERS.get(speaker),
+                  emotion=CODES[code], emotion_raw=code, style="acted", extra={"text": text, "version": version})

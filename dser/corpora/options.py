@@ -96,6 +96,10 @@ def parse_fold_count(value: Any) -> int:
     return n
 
 
+# The fold count of the readers whose corpora have no official split (``assign_folds``).
+N_FOLDS = Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}")
+
+
 def parse_scale(value: Any) -> tuple[float, float]:
     """``LOW,HIGH`` with LOW < HIGH (a corpus's attribute scale, e.g. ``1,5``), or a pair."""
     parts = value.split(",") if isinstance(value, str) else list(value)

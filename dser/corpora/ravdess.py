@@ -36,14 +36,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dser.corpora import CorpusError, Listing, Record, Skip, assign_folds, audio_file_problem
-from dser.corpora.options import Option, parse_bool, parse_fold_count, parse_options
+from dser.corpora import CorpusError, Listing, Record, read_named_wavs
+from dser.corpora.options import N_FOLDS, Option, parse_bool, parse_options
 
 NAME = "ravdess"
 
 OPTIONS: dict[str, Option] = {
     "include_song": Option(parse_bool, False, "also read sung clips (vocal channel 02)"),
-    "n_folds": Option(parse_fold_count, 5, "number of speaker-independent folds fold0 … fold{n-1}"),
+    "n_folds": N_FOLDS,
 }
 
 CODES = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
@@ -77,54 +77,25 @@ def read(root: Path, **options) -> Listing:
         raise CorpusError(f"ravdess: expected Actor_01 … Actor_24 directories in {root} "
                           f"(directly or in a subfolder such as Audio_Speech_Actors_01-24), found none")
 
-    listing = Listing([])
-    for actor_dir in actors:
-        for wav in sorted(actor_dir.iterdir()):
-            if wav.suffix.lower() != ".wav" or wav.name.startswith("."):
-                continue  # videos (.mp4) and stray files are not inputs
-            problem = audio_file_problem(wav)
-            if problem:
-                listing.skipped.append(Skip(str(wav), problem))
-                continue
-            record = _record(wav, opts["include_song"], listing)
-            if record is not None:
-                listing.records.append(record)
-
-    folds = assign_folds({r.utt_id: r.speaker for r in listing.records}, opts["n_folds"])
-    for r in listing.records:
-        r.group = folds[r.utt_id]
-    return listing
+    return read_named_wavs(actors, _NAME, "MM-VV-EE-II-SS-RR-AA.wav (e.g. 03-01-05-01-02-01-01.wav)",
+                           lambda wav, m: _record(wav, m, opts["include_song"]), opts["n_folds"])
 
 
-def _record(wav: Path, include_song: bool, listing: Listing) -> Record | None:
-    m = _NAME.match(wav.stem)
-    if not m:
-        listing.skipped.append(Skip(str(wav), "name is not MM-VV-EE-II-SS-RR-AA.wav "
-                                              "(e.g. 03-01-05-01-02-01-01.wav)"))
-        return None
+def _record(wav: Path, m: re.Match, include_song: bool) -> Record | str:
+    """The record of a well-named clip, or why it is skipped."""
     modality, channel, code, intensity, statement, repetition, actor = m.groups()
     if modality != "03":
-        listing.skipped.append(Skip(str(wav), f"modality {modality} is not audio-only (03)"))
-        return None
+        return f"modality {modality} is not audio-only (03)"
     if channel not in CHANNELS:
-        listing.skipped.append(Skip(str(wav), f"unknown vocal channel {channel!r} in {wav.name}; "
-                                              f"expected 01 (speech) or 02 (song)"))
-        return None
+        return f"unknown vocal channel {channel!r} in {wav.name}; expected 01 (speech) or 02 (song)"
     if channel == "02" and not include_song:
-        listing.skipped.append(Skip(str(wav), "song (vocal channel 02) is left out; "
-                                              "pass --option include_song=true to read it"))
-        return None
+        return "song (vocal channel 02) is left out; pass --option include_song=true to read it"
     if code not in CODES:
-        listing.skipped.append(Skip(str(wav), f"unknown emotion code {code!r} in {wav.name}; "
-                                              f"expected one of {', '.join(CODES)}"))
-        return None
+        return f"unknown emotion code {code!r} in {wav.name}; expected one of {', '.join(CODES)}"
     if intensity not in INTENSITIES:
-        listing.skipped.append(Skip(str(wav), f"unknown intensity {intensity!r} in {wav.name}; "
-                                              f"expected 01 (normal) or 02 (strong)"))
-        return None
+        return f"unknown intensity {intensity!r} in {wav.name}; expected 01 (normal) or 02 (strong)"
     if actor == "00":
-        listing.skipped.append(Skip(str(wav), f"actor 00 in {wav.name} is not an actor number"))
-        return None
+        return f"actor 00 in {wav.name} is not an actor number"
     return Record(
         utt_id=wav.stem, path=wav, corpus=NAME, group="", speaker=f"Actor_{actor}",
         gender="M" if int(actor) % 2 else "F", emotion=CODES[code], emotion_raw=code, style="acted",

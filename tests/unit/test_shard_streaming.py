@@ -1,4 +1,4 @@
-"""Long clips are decoded, resampled and encoded block by block (``shards.BLOCK_FRAMES``):
+"""Long clips are decoded, resampled and encoded block by block (``shard_encoding.BLOCK_FRAMES``):
 the same audio as the one-shot path, in memory that does not grow with the clip."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from dser import shards
+from dser import shard_encoding
 from dser.cli import main
 from dser.shards import ShardIndex
 from fixtures_corpora import write_manifest
@@ -38,9 +38,9 @@ def _decode(flac: bytes) -> np.ndarray:
 ])
 def test_the_streamed_path_gives_the_one_shot_audio(tmp_path, monkeypatch, sample_rate, channels, subtype):
     path = _clip(tmp_path / "long.wav", 1.3, sample_rate, channels, subtype)
-    one_shot = shards._encode((path, 16000, 0.25, 0.01))
-    monkeypatch.setattr(shards, "BLOCK_FRAMES", 4096)  # about a dozen blocks
-    streamed = shards._encode((path, 16000, 0.25, 0.01))
+    one_shot = shard_encoding.encode_clip((path, 16000, 0.25, 0.01))
+    monkeypatch.setattr(shard_encoding, "BLOCK_FRAMES", 4096)  # about a dozen blocks
+    streamed = shard_encoding.encode_clip((path, 16000, 0.25, 0.01))
     a, b = _decode(one_shot[0]), _decode(streamed[0])
     assert len(a) == len(b) and streamed[1] == one_shot[1] and streamed[2] == one_shot[2]
     if subtype == "PCM_16" and channels == 1:
@@ -50,22 +50,22 @@ def test_the_streamed_path_gives_the_one_shot_audio(tmp_path, monkeypatch, sampl
 
 
 def test_the_streamed_path_keeps_its_checks(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "BLOCK_FRAMES", 1024)
+    monkeypatch.setattr(shard_encoding, "BLOCK_FRAMES", 1024)
     silent = tmp_path / "silent.wav"
     sf.write(silent, np.zeros(20000), 16000, subtype="FLOAT")
-    assert shards._encode((str(silent), 16000, 0.25, 0.01)) == "silent audio: every sample is zero"
+    assert shard_encoding.encode_clip((str(silent), 16000, 0.25, 0.01)) == "silent audio: every sample is zero"
     loud = tmp_path / "loud.wav"
     sf.write(loud, np.full(20000, 1.5), 16000, subtype="FLOAT")
-    assert shards._encode((str(loud), 16000, 0.25, 0.01)).startswith("clipped: 20000 of 20000")
+    assert shard_encoding.encode_clip((str(loud), 16000, 0.25, 0.01)).startswith("clipped: 20000 of 20000")
     nan = tmp_path / "nan.wav"
     x = np.zeros(20000)
     x[15000] = np.nan
     sf.write(nan, x, 16000, subtype="FLOAT")
-    assert "non-finite" in shards._encode((str(nan), 16000, 0.25, 0.01))
+    assert "non-finite" in shard_encoding.encode_clip((str(nan), 16000, 0.25, 0.01))
     cut = tmp_path / "cut.wav"
     _clip(cut, 1.5, 16000, 1, "PCM_16")
     cut.write_bytes(cut.read_bytes()[:30000])
-    assert shards._encode((str(cut), 16000, 0.25, 0.01)).startswith("truncated audio")
+    assert shard_encoding.encode_clip((str(cut), 16000, 0.25, 0.01)).startswith("truncated audio")
 
 
 def test_streaming_memory_does_not_grow_with_the_clip(tmp_path, monkeypatch):
@@ -73,10 +73,10 @@ def test_streaming_memory_does_not_grow_with_the_clip(tmp_path, monkeypatch):
     float64_bytes = 40 * 48000 * 2 * 8  # what the one-shot path holds at once: 30 MB
 
     def peak(block):
-        monkeypatch.setattr(shards, "BLOCK_FRAMES", block)
+        monkeypatch.setattr(shard_encoding, "BLOCK_FRAMES", block)
         tracemalloc.start()
         try:
-            result = shards._encode((path, 16000, 0.25, 0.01))
+            result = shard_encoding.encode_clip((path, 16000, 0.25, 0.01))
             return tracemalloc.get_traced_memory()[1], result
         finally:
             tracemalloc.stop()

@@ -11,8 +11,8 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from dser.cli import main
-from dser.corpora.synthetic import (CLASSES, PROFILES, make_voices, measure_cues, render_clip,
-                                    speaker_groups, synthesize)
+from dser.corpora.synthetic import speaker_groups, synthesize
+from dser.corpora.synthetic_speech import CLASSES, PROFILES, make_voices, measure_cues, render_clip
 
 FIELDS = {"path", "utt_id", "emotion", "valence", "arousal", "dominance", "speaker", "gender",
           "group", "style"}
