@@ -54,7 +54,7 @@ import yaml
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from dser.config import ConfigError, from_dict, to_dict
-from dser.data import DataError, LoaderConfig, TrainStream, count_set, make_loader, resolve_shards
+from dser.data import DataError, LoaderConfig, TrainStream, make_loader
 from dser.evaluate import evaluate_loader, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
 from dser.model.backbones import BackboneError, check_backbone
@@ -67,6 +67,7 @@ from dser.precision import Precision, PrecisionError, check_device, decide_preci
 from dser.runconfig import (REQUIRE, RunConfig, check_schedule, deepspeed_config, ds_file_precision,
                             final_eval_sets, loader_config, recorded_precision, resolve_config)
 from dser.safeload import UnsafeCheckpointError, check_checkpoint_dir, safe_load, use_safe_loads
+from dser.shardfiles import count_set, resolve_shards
 
 
 
