@@ -1,9 +1,10 @@
-"""DataLoader workers' lifetime: started from a forkserver, ended with their rank, deaf to others' stop signals.
+"""DataLoader workers' lifetime: started from a forkserver, ended with their rank.
 
 ``dser.data.make_loader`` passes ``worker_context()`` as the DataLoader's
 ``multiprocessing_context`` and ``end_with_rank`` (bound to the rank's pid) as its
 ``worker_init_fn``. Why a forkserver and not a fork of the rank, why a worker watches the rank's
-pidfd, and why USR1 and TERM are blocked: see ``worker_context`` and ``end_with_rank``.
+pidfd, and why USR1 and TERM are blocked (only the rank's own SIGTERM ends a worker): see
+``worker_context`` and ``end_with_rank``.
 
 Usage::
 
