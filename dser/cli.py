@@ -133,7 +133,8 @@ def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_po
     # The recipe's own checks, here first: a bad config or path is one line, not the launcher's
     # start-up and teardown around it. The ranks check again (nothing changes in between here).
     from dser.config import ConfigError
-    from dser.train import RecipeError, check_config, parse_args
+    from dser.startup import RecipeError, check_config
+    from dser.train import parse_args
 
     try:
         check_config(parse_args(args))

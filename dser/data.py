@@ -28,6 +28,12 @@ bytes and holds its own shuffle and bucket buffers; workers walk the tars in ste
 cache serves most reads, and decoding dominates. A few workers per rank (2–4) are enough: one
 decodes and pads well over 1000× real time.
 
+Where the stages live: ``dser.shardfiles`` expands shard specs into the shards their indexes
+list (and counts a set's clips without reading a tar), ``dser.planning`` makes the plan (parse,
+filter, shuffle, bucket) and ``dser.workers`` starts the DataLoader workers and ends them with
+their rank; this module holds the config, decoding and collating, the dataset and the loader,
+and the training streams.
+
 Where a rank's number comes from: ``LoaderConfig.rank``/``world_size`` when set (tests
 simulate ranks this way), else the initialised ``torch.distributed`` process group (as
 ``deepspeed.init_distributed`` makes), else the launcher's ``RANK``/``WORLD_SIZE`` variables,
@@ -74,26 +80,17 @@ Usage::
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import math
-import multiprocessing
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import random
-import re
-import select
-import signal
-import threading
-import time
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence, TypeVar
+from typing import Iterable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -104,29 +101,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dser.labels import STYLES, LabelSet, get_label_set
-from dser.schema import (IGNORE_INDEX, INDEX_NAME, LABEL_KEYS, Sample, SampleError, ShardError, ShardIndex,
-                         duration_matches)
+from dser.planning import Clip, PlannedBatch, Planner, bucket_by_length, shard_problem, shuffle_buffer
+from dser.schema import IGNORE_INDEX, duration_matches
+from dser.shardfiles import DataError, ShardFile, shard_files
+from dser.workers import end_with_rank, worker_context
 
 log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """Shards or loader settings the user must fix; the message names the file or key."""
-
-    def __init__(self, message: str = ""):
-        # Raised in a DataLoader worker, it comes back re-made from torch's "Caught DataError
-        # in DataLoader worker process N. Original Traceback …"; keep the one line that matters.
-        if message.startswith("Caught DataError"):
-            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        # webdataset appends the stream and the URL to the args of an error passing through its
-        # tar reader (printed as a Python tuple); the message is the first.
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -217,206 +200,6 @@ class LoaderConfig:
             raise DataError(f"data.rank {self.rank} is not in [0, world_size={self.world_size})")
 
 
-# ----------------------------------------------------------------------------------------
-# shard lists
-# ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardFile:
-    """One shard to read, and what its index says about it.
-
-    Attributes:
-        path: absolute path of the ``.tar``.
-        group: where it belongs, for messages: ``<shard dir>/<group>`` or the loose spec.
-        samples: samples its index lists (None for a loose tar: no index).
-        index: the ``index.json`` that lists it (None for a loose tar).
-        sample_rate: the rate its audio is stored at, from the index (None for a loose tar: it
-            must be the loader's ``sample_rate``).
-    """
-
-    path: str
-    group: str
-    samples: int | None
-    index: str | None = None
-    sample_rate: int | None = None
-
-
-_LOOSE_NOTED: set[str] = set()
-
-
-def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
-    """The shards a directory's index lists (all groups for a corpus directory, one for a group
-    directory), sizes checked and unlisted tars refused; None when no index governs it."""
-    try:
-        found = ShardIndex.find(directory)
-    except ShardError as e:
-        raise DataError(f"shard spec {spec!r}: {e}") from e
-    if found is None:
-        return None
-    index, group = found
-    groups = index.groups if group is None else [group]
-    listed = {index.out / s["path"] for g in groups for s in index.group(g)["shards"]}
-    for path in sorted(directory.rglob("*.tar")):
-        if path not in listed:
-            raise DataError(f"{path}: a .tar that {index.out / INDEX_NAME} does not list; move it out of {directory} "
-                            f"(dser reads exactly the shards its index lists), or re-shard")
-    files = []
-    for g in groups:
-        for s in index.group(g)["shards"]:
-            path = index.out / s["path"]
-            if not path.is_file():
-                raise DataError(f"{path}: listed in {index.out / INDEX_NAME} but missing; run `dser verify {index.out}`")
-            if path.stat().st_size != s["bytes"]:
-                raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
-                                f"run `dser verify {index.out}`")
-            files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"]),
-                                   str((index.out / INDEX_NAME).resolve()), index.sample_rate))
-    return files
-
-
-def _spec_matches(spec: str | Path) -> list[Path]:
-    """The paths a shard spec names: a glob's matches (sorted), or the path itself.
-
-    Raises:
-        DataError: a plain path that does not exist.
-    """
-    text = os.path.expanduser(str(spec))
-    if glob.has_magic(text):
-        return [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-    if os.path.exists(text):
-        return [Path(text)]
-    raise DataError(f"shard spec {str(spec)!r}: no such file or directory "
-                    f"(give shard group directories, .tar files or globs; make shards with `dser shard`)")
-
-
-def shard_files(specs: Sequence[str | Path]) -> list[ShardFile]:
-    """Expand shard specs into the shards to read, in spec order, duplicates dropped.
-
-    A directory is read through the index that governs it (``D/index.json`` for a corpus
-    directory, ``D/../index.json`` for a group directory): exactly the shards it lists, each
-    of the listed size; a ``.tar`` under D that the index does not list is an error. A glob
-    matching directories reads each the same way. ``.tar`` files named explicitly (or matched
-    by a glob) are read as they are, without an index, and a one-line note says so.
-
-    Args:
-        specs: group or corpus directories, ``.tar`` files, or globs (``shards/iemocap/Session[1-4]``,
-            ``shards/x/*.tar``); ``~`` is expanded.
-
-    Raises:
-        DataError: a spec that matches no shard, a directory no dser index governs, an old or
-            unreadable index, an unlisted, missing or resized shard — naming it.
-    """
-    if isinstance(specs, (str, Path)):
-        specs = [specs]
-    out: list[ShardFile] = []
-    seen: set[str] = set()
-    for spec in specs:
-        matches = _spec_matches(spec)
-        found: list[ShardFile] = []
-        loose = 0
-        for m in matches:
-            if m.is_dir():
-                files = _indexed_files(m.absolute(), str(spec))
-                if files is None:
-                    raise DataError(f"shard spec {str(spec)!r}: {m} has no {INDEX_NAME} in it or its parent, so no "
-                                    f"dser index says what to read there; make it with `dser shard`, or name the "
-                                    f"tars ({m}/*.tar) to read them as they are")
-                found.extend(files)
-            elif m.is_file() and m.suffix == ".tar":
-                found.append(ShardFile(str(m.resolve()), str(spec), None))
-                loose += 1
-        if not found:
-            raise DataError(f"shard spec {str(spec)!r} matches no .tar shards; "
-                            f"point it at a directory written by `dser shard` or at .tar files")
-        if loose and str(spec) not in _LOOSE_NOTED:
-            _LOOSE_NOTED.add(str(spec))
-            log.warning("shard spec %r: %d loose .tar file(s) read as they are (no index: no listed counts, no "
-                        "size checks, no balance guarantees)", str(spec), loose)
-        for f in found:
-            if f.path not in seen:
-                seen.add(f.path)
-                out.append(f)
-    return out
-
-
-def resolve_shards(specs: Sequence[str | Path]) -> list[str]:
-    """The absolute ``.tar`` paths of ``shard_files(specs)``, in order."""
-    return [f.path for f in shard_files(specs)]
-
-
-@dataclass
-class SetCounts:
-    """What a set of shard specs holds for a run, counted from the shard indexes.
-
-    Attributes:
-        clips: clips the loader would keep (label set, styles and ``require`` applied), over
-            the indexed groups.
-        classes: clips per class of the label set (every class, 0 included); empty without one.
-        groups: the indexed groups counted (``<shard dir>/<group>``).
-        loose: specs read without an index (their clips are not counted).
-    """
-
-    clips: int = 0
-    classes: dict[str, int] = field(default_factory=dict)
-    groups: list[str] = field(default_factory=list)
-    loose: list[str] = field(default_factory=list)
-    emotions: dict[str, int] = field(default_factory=dict)  # "emotion/style" → clips, before any filter
-
-    def holds(self, limit: int = 6) -> str:
-        """What the groups hold, most common first: ``"fear/acted 12, neutral/natural 3"``."""
-        top = sorted(self.emotions.items(), key=lambda kv: (-kv[1], kv[0]))
-        text = ", ".join(f"{k} {v}" for k, v in top[:limit])
-        return (text + (f", … {len(top) - limit} more" if len(top) > limit else "")) or "no clips"
-
-
-def count_set(specs: Sequence[str | Path], label_set: LabelSet | None, styles: Sequence[str] | None,
-              require: str | None) -> SetCounts:
-    """Count a set's clips per class from its indexes (emotion × style and attribute counts), as
-    the loader would keep them, without reading a tar.
-
-    Raises:
-        DataError: as ``shard_files`` (a spec matching nothing, an old index, …).
-    """
-    counts = SetCounts(classes={c: 0 for c in label_set.classes} if label_set is not None else {})
-    seen: set[tuple[str, str]] = set()
-    keep = set(styles) if styles else None
-    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
-        for m in _spec_matches(spec):
-            found = None
-            if m.is_dir():
-                try:
-                    found = ShardIndex.find(m.absolute())
-                except ShardError as e:
-                    raise DataError(f"shard spec {str(spec)!r}: {e}") from e
-            if found is None:
-                if str(spec) not in counts.loose:
-                    counts.loose.append(str(spec))
-                continue
-            index, group = found
-            for g in index.groups if group is None else [group]:
-                if (str(index.out), g) in seen:
-                    continue
-                seen.add((str(index.out), g))
-                counts.groups.append(f"{index.out}/{g}")
-                entry = index.group(g)
-                labelled = 0
-                for emotion, per_style in entry["emotion_style"].items():
-                    for st, v in per_style.items():
-                        counts.emotions[f"{emotion}/{st}"] = counts.emotions.get(f"{emotion}/{st}", 0) + v
-                    n = sum(v for st, v in per_style.items() if keep is None or st in keep)
-                    k = label_set.index(None if emotion == "null" else emotion) if label_set is not None else None
-                    if k is not None:
-                        counts.classes[label_set.classes[k]] += n
-                        labelled += n
-                attributed = sum(a["all"] for st, a in entry["attributes"].items() if keep is None or st in keep)
-                every = sum(v for per in entry["emotion_style"].values() for st, v in per.items()
-                            if keep is None or st in keep)
-                # "any" keeps a clip with a class or all attributes: at least the larger count.
-                counts.clips += {"emotion": labelled, "attributes": attributed,
-                                 "any": max(labelled, attributed), None: every}[require]
-    return counts
-
-
 def resolve_rank(cfg: LoaderConfig) -> tuple[int, int]:
     """``(rank, world_size)`` for splitting shards: the config's, the process group's, the
     launcher's environment, or (0, 1)."""
@@ -451,188 +234,6 @@ def epoch_shards(shards: Sequence[str], seed: int, epoch: int, train: bool) -> l
 def _take_every(src: Iterable[T], start: int, step: int) -> Iterator[T]:
     """``islice(src, start, None, step)`` as a webdataset pipeline stage."""
     return islice(src, start, None, step)
-
-
-# ----------------------------------------------------------------------------------------
-# planning: parse, filter, shuffle, bucket (no decoding)
-# ----------------------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class _Clip:
-    """A parsed but not yet decoded sample."""
-
-    utt_id: str
-    flac: bytes
-    url: str
-    rate: int  # the stored audio's sample rate (its shard's index), decoded then resampled to the loader's
-    duration: float  # seconds of stored audio, from the JSON
-    full: int  # samples it has at the loader's rate, from the JSON duration
-    length: int  # samples it will have in the batch (after cutting to max_seconds)
-    emotion: int
-    attributes: tuple[float, float, float]
-
-
-@dataclass
-class _PlannedBatch:
-    clips: list[_Clip]
-    bad: list[str]
-
-
-MIN_REAL_FRACTION = 0.9  # least share of real (non-padded) audio in a batch with more than one clip
-
-
-def cut_batches(lengths: Sequence[int], max_batch_samples: int,
-                min_real_fraction: float = MIN_REAL_FRACTION) -> list[list[int]]:
-    """Sort clips by length and cut the sorted run greedily into batches under a padded cap.
-
-    Each batch takes the next-longest clips while ``len(batch) × longest ≤ max_batch_samples``
-    and real audio stays at least ``min_real_fraction`` of the padded batch; a clip longer
-    than the cap makes a batch of its own. The second rule matters where lengths are sparse
-    (the short end of a buffer): without it a 0.6 s and a 1.7 s clip would share a batch
-    padded to 1.7 s.
-
-    Args:
-        lengths: clip lengths (any unit, e.g. samples).
-        max_batch_samples: cap on ``batch size × longest clip`` (same unit).
-        min_real_fraction: least ``sum(lengths) / (batch size × longest)`` of every batch.
-
-    Returns:
-        Batches as lists of indices into ``lengths``, shortest clips first.
-    """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    real = 0
-    for i in order:
-        # Sorted ascending, so clip i is the batch's new longest.
-        padded = (len(cur) + 1) * lengths[i]
-        if cur and (padded > max_batch_samples or real + lengths[i] < min_real_fraction * padded):
-            batches.append(cur)
-            cur, real = [], 0
-        cur.append(i)
-        real += lengths[i]
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def bucket_by_length(items: Iterable[T], length: Callable[[T], int], max_batch_samples: int,
-                     buffer_size: int, min_buffer_length: int = 0,
-                     rng: random.Random | None = None) -> Iterator[list[T]]:
-    """Group a stream into batches of similar length, each under a padded-size cap.
-
-    Items collect in a buffer until ``buffer_size`` new items and ``min_buffer_length`` total
-    length have arrived; the buffer is then cut with ``cut_batches``. Batches holding less
-    than half the cap in real audio (the longest, usually part-filled one, and short clips
-    that found no neighbours of similar length) are carried into the next buffer rather than
-    emitted underfull; the end of the stream flushes everything, so every item comes out
-    exactly once.
-
-    Args:
-        items: the stream.
-        length: an item's length (samples).
-        max_batch_samples: cap on ``batch size × longest item``.
-        buffer_size: new items sorted together with the carried ones.
-        min_buffer_length: least total length in the buffer before cutting.
-        rng: shuffles the batch order of each cut (training); None keeps shortest first.
-
-    Yields:
-        Lists of items.
-    """
-    buf: list[T] = []
-    total, new = 0, 0
-    for item in items:
-        buf.append(item)
-        total += length(item)
-        new += 1
-        if new >= buffer_size and total >= min_buffer_length:
-            lengths = [length(x) for x in buf]
-            batches, carried = [], []
-            cut = cut_batches(lengths, max_batch_samples)
-            for k, b in enumerate(cut):
-                full = sum(lengths[i] for i in b) >= max_batch_samples / 2
-                (batches if full and k < len(cut) - 1 else carried).append([buf[i] for i in b])
-            buf = [x for b in carried for x in b]
-            total, new = sum(length(x) for x in buf), 0
-            if rng is not None:
-                rng.shuffle(batches)
-            yield from batches
-    if buf:
-        batches = [[buf[i] for i in b] for b in cut_batches([length(x) for x in buf], max_batch_samples)]
-        if rng is not None:
-            rng.shuffle(batches)
-        yield from batches
-
-
-def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """Approximate shuffle of a stream: fill ``size`` items, then emit a random one per new item."""
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
-class _Planner:
-    """Turns raw tar samples into clips (JSON only) and filters them; notes corrupt ones."""
-
-    def __init__(self, cfg: LoaderConfig, rates: dict[str, int | None] | None = None):
-        self.cfg = cfg
-        self.rates = rates or {}  # shard url → its stored rate (None or absent: the loader's)
-        self.max_samples = None if cfg.max_seconds is None else int(round(cfg.max_seconds * cfg.sample_rate))
-        self.styles = set(cfg.styles) if cfg.styles else None
-        self.bad: list[str] = []
-        self._damaged: set[str] = set()
-        self.read: dict[str, int] = {}  # shard url → samples read from it with both members and a parsable JSON
-        self.unreadable: dict[str, int] = {}  # shard url → samples noted in ``bad`` instead
-
-    def shard_damaged(self, exn: Exception) -> bool:
-        """webdataset handler for training: note a truncated or unreadable shard (once) and go
-        on with the samples read before the damage and the next shard."""
-        where, what = _shard_problem(exn)
-        if where not in self._damaged:
-            self._damaged.add(where)
-            self.bad.append(f"{where}: damaged shard, samples after the damage are lost ({what}); "
-                            f"run dser verify")
-        return True
-
-    def parse(self, samples: Iterable[dict]) -> Iterator[_Clip]:
-        cfg = self.cfg
-        for s in samples:
-            key, url = s.get("__key__", "?"), s.get("__url__", "?")
-            if "json" not in s or "flac" not in s:
-                missing = "json" if "json" not in s else "flac"
-                self.bad.append(f"{key}: no {key}.{missing} in {url}")
-                self.unreadable[url] = self.unreadable.get(url, 0) + 1
-                continue
-            try:  # the shard contract has every label key (null when unlabelled)
-                meta = Sample.from_json(s["json"], required=LABEL_KEYS)
-            except SampleError as e:
-                self.bad.append(f"{key}: unreadable {key}.json in {url} (the JSON {e})")
-                self.unreadable[url] = self.unreadable.get(url, 0) + 1
-                continue
-            utt_id, duration = meta.utt_id or key, meta.duration
-            self.read[url] = self.read.get(url, 0) + 1
-            if self.styles is not None and meta.style not in self.styles:
-                continue
-            emotion = cfg.label_set.index(meta.emotion) if cfg.label_set is not None else None
-            attributes = meta.attributes
-            has_attrs = not any(math.isnan(v) for v in attributes)
-            if cfg.require == "emotion" and emotion is None:
-                continue
-            if cfg.require == "attributes" and not has_attrs:
-                continue
-            if cfg.require == "any" and emotion is None and not has_attrs:
-                continue
-            full = int(round(duration * cfg.sample_rate))
-            length = full if self.max_samples is None else min(full, self.max_samples)
-            yield _Clip(utt_id, s["flac"], url, self.rates.get(url) or cfg.sample_rate, duration, full, length,
-                        IGNORE_INDEX if emotion is None else emotion, attributes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -697,22 +298,12 @@ def collate(samples: Sequence[dict], sample_rate: int = 16000) -> dict:
 # the dataset and the loader
 # ----------------------------------------------------------------------------------------
 
-def _shard_problem(exn: Exception) -> tuple[str, str]:
-    """(shard path, what went wrong) of a webdataset read error."""
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
-    # webdataset reports some errors only as "… @ <_io.BufferedReader name='….tar'>"
-    named = re.search(r"name='([^']+\.tar)'", str(exn))
-    where = url or (named.group(1) if named else str(exn.args[0]) if exn.args else "a shard")
-    what = str(exn.args[0] if exn.args else exn).split(" @ <")[0]
-    return where, f"{type(exn).__name__}: {what}"
-
-
 def _shard_error(exn: Exception) -> bool:
     """webdataset handler for evaluation: a shard that cannot be read stops with its name
     (a test set read in part would give wrong metrics)."""
     if isinstance(exn, DataError):  # raised here already, passing through an outer stage
         raise exn
-    where, what = _shard_problem(exn)
+    where, what = shard_problem(exn)
     raise DataError(f"{where}: unreadable shard ({what}); re-create it with `dser shard`") from exn
 
 
@@ -734,20 +325,20 @@ class ShardStream(IterableDataset):
         self.epoch, self.skip = epoch, skip
         self.shortfalls: list[str] = []  # set when a plan has run: groups that yielded fewer samples than listed
 
-    def plan(self) -> Iterator[_PlannedBatch]:
+    def plan(self) -> Iterator[PlannedBatch]:
         """The rank's batches for the epoch, undecoded, in order."""
         cfg = self.cfg
         urls = epoch_shards(self.shards, cfg.seed, self.epoch, cfg.train)
         if self.rank >= len(urls):
             return
         # Node splitting only: workers split the plan's batches below, not the shards.
-        planner = _Planner(cfg, {url: f.sample_rate for url, f in self.listed.items()})
+        planner = Planner(cfg, {url: f.sample_rate for url, f in self.listed.items()})
         skip_damage = cfg.train if cfg.skip_damaged_shards is None else cfg.skip_damaged_shards
         source = wds.WebDataset(urls, shardshuffle=False,
                                 handler=planner.shard_damaged if skip_damage else _shard_error,
                                 nodesplitter=partial(_take_every, start=self.rank, step=self.world_size),
                                 workersplitter=None, empty_check=False)
-        clips: Iterable[_Clip] = planner.parse(source)
+        clips: Iterable[Clip] = planner.parse(source)
         rng = random.Random(_seed(cfg.seed, self.epoch, self.rank)) if cfg.train else None
         if rng is not None and cfg.shuffle_buffer > 1:
             clips = shuffle_buffer(clips, cfg.shuffle_buffer, rng)
@@ -758,12 +349,12 @@ class ShardStream(IterableDataset):
             # Each batch carries the corrupt samples noted since the previous one, so exactly
             # one worker (the batch's) reports them.
             bad, planner.bad = planner.bad, []
-            yield _PlannedBatch(clips_, bad)
+            yield PlannedBatch(clips_, bad)
         if planner.bad:  # corrupt samples after the last batch: nobody else will report them
-            yield _PlannedBatch([], planner.bad)
+            yield PlannedBatch([], planner.bad)
         self.shortfalls = self._shortfalls(urls[self.rank::self.world_size], planner)
 
-    def _shortfalls(self, urls: list[str], planner: _Planner) -> list[str]:
+    def _shortfalls(self, urls: list[str], planner: Planner) -> list[str]:
         """Groups whose shards yielded fewer samples than their index lists, one line each."""
         per_group: dict[str, list[int]] = {}
         for url in urls:
@@ -780,7 +371,7 @@ class ShardStream(IterableDataset):
                 f"run `dser verify`"
                 for group, (read, listed, bad) in per_group.items() if read < listed]
 
-    def _load(self, clip: _Clip) -> dict:
+    def _load(self, clip: Clip) -> dict:
         cfg = self.cfg
         pcm = decode_flac(clip.flac, clip.rate)
         if not duration_matches(len(pcm), clip.duration, clip.rate):
@@ -852,88 +443,8 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator,
                       prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
                       multiprocessing_context=worker_context() if workers > 0 else None,
-                      worker_init_fn=partial(_end_with_rank, os.getpid()) if workers > 0 else None,
+                      worker_init_fn=partial(end_with_rank, os.getpid()) if workers > 0 else None,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
-
-
-# What a rank stops on with a checkpoint (dser.train); the loader's helper processes block them.
-STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """How DataLoader workers start: forked from a forkserver, never from the rank itself.
-
-    A rank is a threaded process by the time it evaluates (gloo's transport threads, the
-    TensorBoard writer's thread on rank 0, CUDA's), and a fork copies only the calling thread:
-    a lock another thread held at that moment stays held in the child for ever. A forked worker
-    also inherits every open descriptor, the rendezvous store's listening socket among them: a
-    worker that hung that way outlived its killed rank and held the job's rendezvous port, so the
-    requeued job failed with EADDRINUSE on every restart. The forkserver is a fresh,
-    single-threaded interpreter (started once per process, ~1 s, with ``dser.data`` and torch
-    imported); each worker is a fork of it, and the dataset reaches it pickled.
-
-    Slurm signals every process of a job step: ``--signal=USR1@…`` and ``scancel --signal``
-    reach the workers, the forkserver and multiprocessing's resource tracker too, and SIGTERM
-    comes before the kill. The rank checkpoints on those; the others must live on until it has
-    (forked workers inherited the rank's handler; a fresh interpreter has the default: death).
-    So the server and the tracker start with them blocked, a mask that their forks, the workers,
-    inherit; blocked, not ignored, so a signal to the rank meanwhile waits for it and is not lost.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["dser.data"])  # no effect once the server runs: it has them
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        multiprocessing.resource_tracker.ensure_running()  # no-ops while they run
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the tracker's start unblocked SIGTERM
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return ctx
-
-
-def _end_with_rank(rank_pid: int, _worker_id: int) -> None:
-    """``worker_init_fn``: the worker lives exactly as long as the rank that made it.
-
-    torch's own watchdog ends a worker whose *parent* changed, and a worker's parent is now the
-    forkserver, which outlives a killed rank for as long as any of its workers runs (each holds
-    the server's keep-alive pipe): without a watch on the rank itself, SIGKILL of a rank left its
-    workers and the server waiting for ever, holding the job's output pipe.
-
-    The stop signals arrive blocked (``worker_context``) and wait in a thread of their own: the
-    rank's SIGTERM (multiprocessing's ``terminate()``, at its exit or the loader's shutdown) ends
-    the worker as it always did; anybody else's (Slurm's, a shell's), and USR1, are dropped, so
-    the worker serves its rank while the rank checkpoints.
-    """
-    for watch in (_wait_then_exit, _take_stop_signals):
-        threading.Thread(target=watch, args=(rank_pid,), name=f"dser-{watch.__name__}", daemon=True).start()
-
-
-def _take_stop_signals(rank_pid: int) -> None:
-    while True:
-        info = signal.sigwaitinfo(STOP_SIGNALS)
-        if info.si_signo == signal.SIGTERM and info.si_pid == rank_pid:
-            os._exit(128 + signal.SIGTERM)
-
-
-def _wait_then_exit(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)  # readable once the process has ended (Linux 5.3+)
-    except OSError:  # gone already (ProcessLookupError), or no pidfds here: poll
-        while _alive(pid):
-            time.sleep(1.0)
-    else:
-        select.select([fd], [], [])
-    os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process now has the pid: ours has ended
-        return False
-    return True
 
 
 class BatchStream:

@@ -58,7 +58,7 @@ def index_hashes(shard_sets: dict[str, list[str]]) -> dict[str, str]:
 
     Loose ``.tar`` files (no index) have no entry.
     """
-    from dser.data import shard_files
+    from dser.shardfiles import shard_files
 
     out: dict[str, str] = {}
     for specs in shard_sets.values():

@@ -72,7 +72,8 @@ def bench_padding(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
         The lengths' statistics, the batching settings, and per case ``dser`` and ``random``
         (``_padding_stats``) and ``ratio_dser_to_random`` (of the overall real shares).
     """
-    from dser.data import LoaderConfig, ShardStream, resolve_shards
+    from dser.data import LoaderConfig, ShardStream
+    from dser.shardfiles import resolve_shards
     from dser.runconfig import DataConfig
 
     d = DataConfig()

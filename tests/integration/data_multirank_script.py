@@ -13,7 +13,7 @@ import deepspeed
 import torch.distributed as dist
 
 from dser.data import LoaderConfig, make_loader
-from dser.train import init_process_group
+from dser.distributed import init_process_group
 
 
 def main() -> None:

@@ -22,9 +22,12 @@ import torch
 import webdataset as wds
 
 import dser.data as data
-from dser.data import (BatchStream, DataError, LoaderConfig, TrainStream, bucket_by_length, collate, cut_batches,
-                       make_loader, resolve_shards)
+import dser.workers as workers
+from dser.data import BatchStream, DataError, LoaderConfig, TrainStream, collate, make_loader
 from dser.labels import get_label_set
+from dser.planning import bucket_by_length, cut_batches
+from dser.schema import ShardIndex
+from dser.shardfiles import resolve_shards
 from fixtures_shards import write_test_shards
 
 SR = 16000
@@ -520,7 +523,7 @@ def test_stop_signals_leave_the_loader_running(tmp_path):
     got = [next(batches)["utt_id"]]
     helpers = psutil.Process().children(recursive=True)  # the forkserver, its workers, the tracker
     assert len(helpers) >= 3, helpers
-    for sig in data.STOP_SIGNALS:  # from another process, as from slurmstepd
+    for sig in workers.STOP_SIGNALS:  # from another process, as from slurmstepd
         subprocess.run(["kill", f"-{sig.value}", *(str(p.pid) for p in helpers)], check=True)
     time.sleep(0.5)
     assert [p for p in helpers if p.status() == psutil.STATUS_ZOMBIE or not p.is_running()] == []
@@ -666,7 +669,7 @@ def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path,
     write_test_shards(tmp_path, 10, 1)
     shard = tmp_path / "fold0" / "fold0-000000.tar"
     data_ = bytearray(shard.read_bytes())
-    members = data.ShardIndex.load(tmp_path).table("fold0")
+    members = ShardIndex.load(tmp_path).table("fold0")
     cut = members[6].flac[0]  # the header of the 7th sample
     data_[cut:cut + 512] = b"\xff" * 512
     shard.write_bytes(bytes(data_))

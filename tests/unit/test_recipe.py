@@ -28,7 +28,7 @@ import torch.distributed as dist
 import yaml
 from fixtures_shards import write_test_shards
 
-from dser import train
+from dser import distributed, startup, train
 from dser.model.build import build_model
 from dser.runconfig import default_config_path
 
@@ -50,7 +50,7 @@ def process_group():
            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    train.init_process_group(deepspeed, dt.timedelta(minutes=5))
+    distributed.init_process_group(deepspeed, dt.timedelta(minutes=5))
     yield deepspeed
     dist.destroy_process_group()
     for k, v in saved.items():
@@ -91,7 +91,7 @@ def config_file(tmp_path: Path, shards: Path, **sections) -> Path:
 
 def make_recipe(deepspeed, argv: list[str]) -> train.Recipe:
     args = train.parse_args(argv)
-    stage, cfg, recorded, _, warnings = train.check_config(args)
+    stage, cfg, recorded, _, warnings = startup.check_config(args)
     return train.Recipe(args, stage, cfg, recorded, warnings, deepspeed=deepspeed, device=torch.device("cpu"))
 
 
@@ -283,8 +283,8 @@ def test_a_crash_between_metrics_and_export_leaves_an_unfinished_run_that_resume
     r = CliRunner().invoke(main, ["run-status", str(run)])
     assert r.exit_code == 0 and r.output.strip() == "stopped at step00000006"
     with pytest.raises(train.RecipeError, match="that stage-1 run stopped before its end"):
-        train.check_config(train.parse_args(["--stage", "2", "--init-from", str(run), "--config",
-                                             str(config_file(tmp_path, shards)), "--run-dir", str(tmp_path / "s2")]))
+        startup.check_config(train.parse_args(["--stage", "2", "--init-from", str(run), "--config",
+                                               str(config_file(tmp_path, shards)), "--run-dir", str(tmp_path / "s2")]))
     clip = tmp_path / "clip.wav"
     import numpy as np
     import soundfile as sf

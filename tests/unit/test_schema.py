@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import dser.data
+import dser.planning
 import dser.shards
 import dser.evaluate
 import dser.model.head
@@ -29,10 +30,10 @@ def test_a_records_sample_json_has_exactly_the_schemas_fields():
 def test_one_definition_of_each_constant():
     assert dser.data.IGNORE_INDEX is schema.IGNORE_INDEX is dser.model.head.IGNORE_INDEX
     assert dser.evaluate.IGNORE_INDEX is schema.IGNORE_INDEX
-    assert dser.data.LABEL_KEYS is schema.LABEL_KEYS
+    assert dser.planning.LABEL_KEYS is schema.LABEL_KEYS
     assert dser.verify.SAMPLE_FIELDS is schema.SAMPLE_FIELDS
     # one parser of the sample JSON (with its tolerance) for the writer, the loader and verify
-    assert dser.data.Sample is dser.verify.Sample is dser.shards.Sample is schema.Sample
+    assert dser.planning.Sample is dser.verify.Sample is dser.shards.Sample is schema.Sample
     assert dser.verify.TableRow is dser.shards.TableRow is schema.TableRow
     assert schema.TABLE_FIELDS == tuple(f.name for f in dataclasses.fields(schema.TableRow))
 

@@ -1,4 +1,4 @@
-"""What a run prints about its precision beyond its first line (dser.train.precision_notes)."""
+"""What a run prints about its precision beyond its first line (dser.startup.precision_notes)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import yaml
 
 from dser.precision import Precision
 from dser.runconfig import CONFIGS_DIR, resolve_config
-from dser.train import precision_notes
+from dser.startup import precision_notes
 
 AUTO_FP32 = Precision("fp32", "auto: this CPU has no native bf16, capability AVX2")
 
