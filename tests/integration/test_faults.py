@@ -46,7 +46,10 @@ FAULTY = Path(__file__).resolve().parent / "faulty_train.py"
 SHORT = ["optim.max_steps=12", "optim.warmup_steps=2", "train.eval_every=12", "train.save_every=4",
          "train.log_every=2", "train.progress=false", "train.keep_last=3", "data.shuffle_buffer=50"]
 # A long run to break in the middle: checkpoints every 5 steps, so resume has one to start from.
-LONG = ["optim.max_steps=150", "optim.warmup_steps=2", "train.eval_every=150", "train.save_every=5",
+# Long enough that a signal sent once the first checkpoint (step 5) exists lands mid-run, with
+# tens of steps to spare; each resumed run trains the rest, so no longer than that.
+LONG_STEPS = 50
+LONG = [f"optim.max_steps={LONG_STEPS}", "optim.warmup_steps=2", f"train.eval_every={LONG_STEPS}", "train.save_every=5",
         "train.log_every=5", "train.progress=false", "data.shuffle_buffer=50"]
 
 
@@ -250,7 +253,7 @@ def test_kill_9_of_one_rank_ends_the_job_within_a_bound_naming_it_and_resume_fin
 
     r = train(workdir, "--resume", str(run), sets=[])
     assert "resumed from" in r.stdout
-    assert metrics(run)["steps"] == 150
+    assert metrics(run)["steps"] == LONG_STEPS
 
 
 def test_a_hung_rank_ends_the_job_after_the_collective_timeout(workdir):
@@ -271,7 +274,7 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir
     step = int(tag.removeprefix("step"))
     assert f"stopped at step {step} by SIGUSR1 (sent to another rank); resume with dser train --resume " \
            f"runs/preempted" in out, out[-3000:]
-    assert 5 <= step < 150  # stopped mid-run
+    assert 5 <= step < LONG_STEPS  # stopped mid-run
     ckpt = run / "checkpoints" / tag
     assert sorted(p.name for p in ckpt.glob("dser_rank*.pt")) == ["dser_rank0.pt", "dser_rank1.pt"]
     assert not (run / "metrics.json").exists()
@@ -279,7 +282,7 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_resume_continues(workdir
     r = train(workdir, "--resume", str(run), sets=[])
     assert f"at step {step}" in r.stdout
     m = metrics(run)
-    assert m["steps"] == 150
+    assert m["steps"] == LONG_STEPS
 
 
 def test_sigterm_to_dser_train_checkpoints_and_exits_143_never_looking_finished(workdir):
@@ -303,7 +306,7 @@ def test_sigterm_to_dser_train_checkpoints_and_exits_143_never_looking_finished(
     assert proc.returncode == 128 + signal.SIGTERM, f"{out[-3000:]}\n{err[-3000:]}"
     tag = (run / "checkpoints" / "latest").read_text().strip()
     step = int(tag.removeprefix("step"))
-    assert 5 <= step < 150
+    assert 5 <= step < LONG_STEPS
     assert out.strip().splitlines()[-1] == f"stopped at step {step} by SIGTERM; resume with dser train --resume " \
                                            f"runs/terminated", out[-2000:]
     ckpt = run / "checkpoints" / tag
