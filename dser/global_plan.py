@@ -210,7 +210,7 @@ def plan_epoch(durations: Sequence[float], *, seed: int, epoch: int, world_size:
     seconds = np.asarray(durations, dtype=np.float64)
     if not np.all(np.isfinite(seconds) & (seconds >= 0)):
         bad = int(np.flatnonzero(~(np.isfinite(seconds) & (seconds >= 0)))[0])
-        raise DataError(f"data.train: sample {bad} has duration {seconds[bad]!r}; run dser verify on its shards")
+        raise DataError(f"data.train: sample {bad} has duration {float(seconds[bad])}; run dser verify on its shards")
     full = np.rint(seconds * sample_rate).astype(np.int64)
     length = full if max_seconds is None else np.minimum(full, int(round(max_seconds * sample_rate)))
     offset = crop_offsets(full, length, seed, epoch)
@@ -232,10 +232,11 @@ def plan_epoch(durations: Sequence[float], *, seed: int, epoch: int, world_size:
         return len(b) * b[-1].length  # shortest first: the last is the longest
 
     batches.sort(key=padded, reverse=True)  # stable: ties keep the windows' order, the same on every rank
-    missing = -len(batches) % world_size
-    # Where a step is still short, the last (smallest) batches are topped up with copies of those
-    # just above them: the closest in padded seconds that are not in the step already.
-    fill = batches[len(batches) - (world_size - missing) - missing: len(batches) - (world_size - missing)]
+    # Where the last step (the smallest batches) is still short, it is topped up with copies of
+    # the batches just above it: the closest in padded seconds that are not in the step already.
+    short = -len(batches) % world_size
+    last = len(batches) - (world_size - short) if short else len(batches)  # where the last step starts
+    fill = batches[last - short: last]
     dealt = [PlannedStepBatch(tuple(b)) for b in batches] + [PlannedStepBatch(tuple(b), repeat=True) for b in fill]
     steps = [dealt[s: s + world_size] for s in range(0, len(dealt), world_size)]
     shuffler = random.Random(int(rng.integers(1 << 62)))
