@@ -5,7 +5,11 @@ planner, real audio as today's, crops inside each clip, determinism, exact resum
 from __future__ import annotations
 
 import collections
+import hashlib
+import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -161,6 +165,29 @@ def test_the_plan_is_the_same_every_call_and_differs_by_epoch_and_seed():
     # which rank is slowest changes from step to step: no rank always gets the largest batch
     largest = {max(range(8), key=lambda r: step[r].padded) for step in plan.steps}
     assert len(largest) > 4
+
+
+PLAN_DIGEST = r"""
+import hashlib, sys
+from dser.global_plan import plan_epoch
+loaded = "torch" in sys.modules
+import numpy as np
+seconds = np.clip(np.exp(np.random.default_rng(2).normal(1.25, 0.71, 3000)), 0.6, 30.0)
+plan = plan_epoch(seconds, seed=4, epoch=3, world_size=8, max_seconds=15.0, max_batch_seconds=160.0,
+                  bucket_buffer=400)
+print(hashlib.sha256(repr(plan.steps).encode()).hexdigest(), loaded)
+"""
+
+
+def test_every_process_plans_the_same_epoch_without_torch():
+    # What another rank computes: a fresh interpreter with another hash seed; importing the plan
+    # loads no torch.
+    seconds = np.clip(np.exp(np.random.default_rng(2).normal(1.25, 0.71, 3000)), 0.6, 30.0)
+    here = hashlib.sha256(repr(plan_epoch(seconds, seed=4, epoch=3, world_size=8, **RECIPE).steps).encode())
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    r = subprocess.run([sys.executable, "-c", PLAN_DIGEST], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [here.hexdigest(), "False"]
 
 
 def test_resume_at_step_k_is_the_rest_of_the_epoch():
