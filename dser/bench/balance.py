@@ -5,7 +5,10 @@ IEMOCAP-like lengths (20 000 in a full run), for two batchings: the IEMOCAP reci
 (``dser.runconfig.DataConfig``: 6 s, 48 s).
 
 A step lasts as long as its slowest rank, so the measure is each step's mean padded seconds
-over its largest (B × T_max of each rank's batch), averaged over the steps (``step_balance``).
+over its largest (B × T_max of each rank's batch), averaged over the steps (``step_balance``);
+``busy_fraction`` weighs the steps by their length instead (the summed means over the summed
+maxima: the share of the ranks' time spent on their own batch, if a step lasts as long as its
+largest batch).
 
 The per-rank planner is the loader's own ``ShardStream.plan``, run once per simulated rank on
 stub shards (JSON durations, a one-byte FLAC) of 250 clips each, so every rank count gets the
@@ -36,7 +39,7 @@ BATCHINGS = ("recipe", "default")
 PLANNERS = ("per_rank", "global")
 # The numbers this section writes that goals and readers refer to (dotted, from the results' top).
 MEASURES = tuple(f"balance.{batching}.{planner}.ranks_{w}.{k}" for batching in BATCHINGS for planner in PLANNERS
-                 for w in RANKS for k in ("step_balance", "real_fraction")) \
+                 for w in RANKS for k in ("step_balance", "busy_fraction", "real_fraction")) \
     + tuple(f"balance.{batching}.global.ranks_{w}.repeats" for batching in BATCHINGS for w in RANKS) \
     + ("balance.global_plan_seconds_100k",)
 CLIPS_PER_SHARD = 250
@@ -58,7 +61,11 @@ def _stats(steps: list[list[np.ndarray]]) -> dict:
 
     padded = [[len(b) * int(b.max()) for b in step] for step in steps]
     real = sum(int(b.sum()) for step in steps for b in step)
-    return {"step_balance": step_balance(padded), "real_fraction": real / sum(map(sum, padded)), "steps": len(steps)}
+    # If a step takes as long as its largest batch: the share of the ranks' time on their own batch
+    # (small steps weigh less here than in step_balance, where every step counts the same).
+    busy = sum(sum(p) / len(p) for p in padded) / sum(max(p) for p in padded)
+    return {"step_balance": step_balance(padded), "busy_fraction": busy, "real_fraction": real / sum(map(sum, padded)),
+            "steps": len(steps)}
 
 
 def _per_rank(shards: list[str], batching: dict, world_size: int, seed: int) -> dict:
@@ -93,10 +100,11 @@ def bench_balance(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     """Step balance and real audio of the per-rank planner and the global plan, side by side.
 
     Returns:
-        ``clips``, ``clips_per_shard``, ``global_plan_seconds_100k`` and per batching
-        (``recipe``, ``default``) its settings and, per planner (``per_rank``, ``global``) and
-        rank count (``ranks_2`` …), ``step_balance``, ``real_fraction`` and ``steps`` (the
-        per-rank planner also ``batches_per_rank_min`` / ``_max``, the global plan ``repeats``).
+        ``clips``, ``clips_per_shard``, ``shards``, ``global_plan_seconds_100k`` and per
+        batching (``recipe``, ``default``) its settings and, per planner (``per_rank``,
+        ``global``) and rank count (``ranks_2`` …), ``step_balance``, ``busy_fraction``,
+        ``real_fraction`` and ``steps`` (the per-rank planner also ``batches_per_rank_min`` /
+        ``_max``, the global plan ``repeats``).
     """
     from dser.global_plan import plan_epoch
     from dser.shardfiles import resolve_shards

@@ -34,7 +34,7 @@ TRAIN_RUN = ["samples_per_s", "audio_seconds_per_s", "peak_rss_bytes", "checkpoi
              "optimizer_state_bytes_ratio", "checkpoint_bytes_ratio", "trainable_params_ratio",
              "saved_activation_bytes_ratio"]
 PIPELINE_RUN = ["audio_seconds_per_s", "samples_per_s"]
-BALANCE = ["step_balance", "real_fraction", "steps"]
+BALANCE = ["step_balance", "busy_fraction", "real_fraction", "steps"]
 
 # Every number the bench promises, as dotted paths.
 FIELDS = (
