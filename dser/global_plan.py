@@ -25,7 +25,12 @@ rank, so each step should hold batches of near-equal padded seconds; neighbours 
 run are, and shuffling the steps afterwards keeps the epoch's order random (no curriculum).
 Batch *contents* stay as random as the per-rank planner's: each batch is cut from one shuffled
 window of ``bucket_buffer`` clips. The shuffle is a full permutation, not a buffer: with the
-table in hand nothing has to stream, so ``data.shuffle_buffer`` plays no part.
+table in hand nothing has to stream, so ``data.shuffle_buffer`` plays no part. How even the
+steps come out (``dser bench --only balance``): on 20 000 IEMOCAP-like lengths with 15 s crops
+and a 160 s cap, a step's 8 ranks average 99.4 % of its largest batch (per-rank planning:
+89.4 %). What is left are the batches the 90 % real-audio rule leaves underfull where lengths
+are sparse; they make the smallest steps, so an epoch of few steps weighs them more (3 300
+clips, 15 steps at 8 ranks: 93.4 %).
 
 Crops are planned too, so the reader crops exactly as planned: a clip longer than
 ``max_seconds`` keeps the window ``[offset, offset + length)`` of its samples, with ``offset``
@@ -50,7 +55,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Sequence
