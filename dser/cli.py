@@ -461,7 +461,7 @@ def grid(grid_file, query, null):
 @click.option("--quick", is_flag=True, help="Small sizes: a few minutes on a 2-core machine.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--only", "sections", multiple=True, help="Run only this section (repeatable): sharding, loading, "
-              "padding, peft, pipeline, soak.")
+              "padding, peft, pipeline, soak, balance.")
 @click.option("--backbone", help="Backbone of the training sections (default: random:wavlm-base-plus).")
 @click.option("--ranks", default=2, show_default=True, help="Ranks of the dser training runs.")
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep corpora, shards, runs and logs here.")

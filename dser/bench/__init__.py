@@ -1,6 +1,6 @@
 """``dser bench``: how much audio dser pushes through a machine, measured in one run.
 
-Six sections, each measuring rates and ratios side by side in the same run on the same machine,
+Seven sections, each measuring rates and ratios side by side in the same run on the same machine,
 on audio generated here (speech-like clips from ``dser.corpora.synthetic``, cut to IEMOCAP-like
 lengths: log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s). One file each::
 
@@ -16,6 +16,8 @@ lengths: log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s). One file each::
     pipeline.py   audio-seconds/s of a dser training run against baseline.py (transformers + peft +
                   DataLoader over WAV files, one process) on the same model, data and steps
     soak.py       resident memory of each rank over a long tiny-model run: growth after warm-up
+    balance.py    how evenly a step's ranks are loaded (mean / max padded seconds) at 2, 4 and 8
+                  simulated ranks: today's per-rank planner against the global epoch plan
 
 and the parts they share::
 
@@ -43,6 +45,7 @@ Usage::
     print(format_table(results))
 """
 
+from dser.bench.balance import bench_balance
 from dser.bench.corpus import iemocap_like_lengths, write_bench_corpus
 from dser.bench.goals import GOALS, Goal, check_goals, check_goals_file, read_results, write_goals
 from dser.bench.loading import bench_loading
@@ -56,6 +59,6 @@ from dser.bench.sizes import FULL, QUICK, BenchError, BenchSizes
 from dser.bench.soak import bench_soak
 
 __all__ = ["FORMAT", "FULL", "GOALS", "QUICK", "SECTIONS", "SECTION_MODULES", "BenchError", "BenchSizes", "Goal",
-           "PeakMemory", "bench_loading", "bench_padding", "bench_peft", "bench_pipeline", "bench_sharding",
-           "bench_soak", "check_goals", "check_goals_file", "format_table", "iemocap_like_lengths", "read_results",
-           "run_bench", "saved_activation_bytes", "write_bench_corpus", "write_goals"]
+           "PeakMemory", "bench_balance", "bench_loading", "bench_padding", "bench_peft", "bench_pipeline",
+           "bench_sharding", "bench_soak", "check_goals", "check_goals_file", "format_table", "iemocap_like_lengths",
+           "read_results", "run_bench", "saved_activation_bytes", "write_bench_corpus", "write_goals"]

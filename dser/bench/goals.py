@@ -120,6 +120,11 @@ def _growth_per_rank(r: dict) -> str:
     return f"(rank {worst}" + (f"; {others})" if others else ")")
 
 
+def _per_rank_balance(r: dict) -> str:
+    old = value_at(r, "balance.recipe.per_rank.ranks_8.step_balance")
+    return "" if old is None else f"(today's per-rank planning {100 * old:.1f} %)"
+
+
 GOALS: tuple[Goal, ...] = (
     # Goal(field, op, threshold, unit, digits, console name, BENCHMARKS.md wording (default: the name), detail)
     Goal("pipeline.speedup", ">=", 1.5, "x", 2, "dser vs usual pipeline, audio-s/s",
@@ -137,6 +142,9 @@ GOALS: tuple[Goal, ...] = (
          "frozen CNN builds no graph", lambda r: "kept for backward in the CNN, even under full finetuning"),
     Goal("soak.rss_growth", "<=", 1.10, "x", 3, "resident memory after warm-up, growth",
          "resident memory flat after warm-up (2,000 steps)", _growth_per_rank),
+    Goal("balance.recipe.global.ranks_8.step_balance", ">=", 0.97, "%", 1, "global plan, step balance at 8 ranks",
+         "global batch plan: a step's 8 ranks average ≥ 97 % of its slowest's padded seconds (15 s crops, 160 s cap)",
+         _per_rank_balance),
 )
 
 

@@ -24,14 +24,14 @@ import soundfile as sf
 import torch
 
 from dser import __version__
-from dser.bench import loading, padding, peft, pipeline, sharding, soak
+from dser.bench import balance, loading, padding, peft, pipeline, sharding, soak
 from dser.bench.console import text_table
 from dser.bench.goals import check_goals
 from dser.bench.sizes import FULL, QUICK, BenchError, BenchSizes
 
 FORMAT = "dser-bench/1"
 # In the order they run: later sections reuse the corpora and shards earlier ones made.
-SECTION_MODULES = {m.NAME: m for m in (sharding, loading, padding, peft, pipeline, soak)}
+SECTION_MODULES = {m.NAME: m for m in (sharding, loading, padding, peft, pipeline, soak, balance)}
 SECTIONS = tuple(SECTION_MODULES)
 
 
@@ -42,7 +42,8 @@ def _measure(section: str, work: Path, sizes: BenchSizes, ranks: int, log: Calla
                "padding": lambda: padding.bench_padding(work, sizes, log),
                "peft": lambda: peft.bench_peft(work, sizes, ranks, log),
                "pipeline": lambda: pipeline.bench_pipeline(work, sizes, ranks, log),
-               "soak": lambda: soak.bench_soak(work, sizes, ranks, log)}
+               "soak": lambda: soak.bench_soak(work, sizes, ranks, log),
+               "balance": lambda: balance.bench_balance(work, sizes, log)}
     return runners[section]()
 
 

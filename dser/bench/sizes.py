@@ -26,7 +26,7 @@ class BenchSizes:
     Attributes:
         shard_clips_16k, shard_clips_48k: clips of the generated corpora (IEMOCAP-like lengths).
         loader_passes: epochs over the 16 kHz shards per loader measurement.
-        padding_clips: lengths drawn for the padding measurement.
+        padding_clips: lengths drawn for the padding and balance measurements.
         backbone: the model of the training runs (``random:wavlm-base-plus`` or a tiny preset).
         max_seconds: training crop (``data.max_seconds``) of the training runs.
         max_batch_seconds: padded seconds per batch and rank (``data.max_batch_seconds``); the

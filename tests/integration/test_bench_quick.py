@@ -34,6 +34,7 @@ TRAIN_RUN = ["samples_per_s", "audio_seconds_per_s", "peak_rss_bytes", "checkpoi
              "optimizer_state_bytes_ratio", "checkpoint_bytes_ratio", "trainable_params_ratio",
              "saved_activation_bytes_ratio"]
 PIPELINE_RUN = ["audio_seconds_per_s", "samples_per_s"]
+BALANCE = ["step_balance", "busy_fraction", "real_fraction", "steps"]
 
 # Every number the bench promises, as dotted paths.
 FIELDS = (
@@ -49,6 +50,10 @@ FIELDS = (
     + ["pipeline.speedup", "pipeline.samples_speedup", "pipeline.baseline.real_fraction"]
     + [f"soak.{k}" for k in ("steps", "warmup_steps", "rss_growth", "rss_end_growth", "samples_per_s", "wall_seconds",
                              "readings_per_rank")]
+    + ["balance.clips", "balance.shards", "balance.global_plan_seconds_100k"]
+    + [f"balance.{batching}.{planner}.ranks_{w}.{k}" for batching in ("recipe", "default")
+       for planner in ("per_rank", "global") for w in (2, 4, 8) for k in BALANCE]
+    + [f"balance.{batching}.global.ranks_{w}.repeats" for batching in ("recipe", "default") for w in (2, 4, 8)]
 )
 
 
@@ -112,6 +117,7 @@ def test_quantities_that_do_not_depend_on_speed(quick):
     assert s["16k"]["clips"] == results["sizes"]["shard_clips_16k"]
     assert s["48k"]["clips"] == results["sizes"]["shard_clips_48k"]
     assert results["padding"]["clips"] == results["sizes"]["padding_clips"]
+    assert results["balance"]["clips"] == results["sizes"]["padding_clips"]
     soak = results["soak"]
     assert soak["steps"] == results["sizes"]["soak_steps"]
     for key in ("rss_after_warmup_bytes_per_rank", "rss_max_after_warmup_bytes_per_rank", "rss_end_bytes_per_rank"):
@@ -137,7 +143,7 @@ def test_every_training_figure_is_in_the_precision_auto_picks_and_says_so(quick)
 def test_console_tables(quick):
     _, stdout = quick
     for title in ("1. sharding", "2. loading", "3. padding", "4. PEFT vs full", "5. dser vs the usual pipeline",
-                  "6. soak", "goals"):
+                  "6. soak", "7. balance", "goals"):
         assert title in stdout, title
     assert "results: " in stdout
 

@@ -21,6 +21,7 @@ import torch
 from dser import bench
 from dser.bench import (FULL, BenchError, PeakMemory, check_goals, iemocap_like_lengths, saved_activation_bytes,
                         write_bench_corpus)
+from dser.bench import balance as balance_section
 from dser.bench import padding as padding_section
 from dser.bench.baseline import WavDataset, pad_collate, read_manifest
 from dser.bench.goals import BEGIN, END, GOALS, read_results, value_at, with_goals
@@ -194,6 +195,26 @@ def test_padding_writes_the_measures_it_declares(tmp_path):
         value = value_at(r, field)
         assert isinstance(value, float) and value >= 0, (field, value)
         assert value <= 1 or field.endswith("ratio_dser_to_random"), (field, value)  # shares are at most 1
+
+
+def test_balance_writes_the_measures_it_declares_and_compares_both_planners(tmp_path):
+    r = {"balance": bench.bench_balance(tmp_path, replace(FULL, padding_clips=2000), lambda _: None)}
+    for field in balance_section.MEASURES:
+        value = value_at(r, field)
+        if field.endswith(".repeats"):
+            assert isinstance(value, int) and value >= 0, (field, value)
+        else:
+            assert isinstance(value, float) and value > 0, (field, value)
+            assert value <= 1 or field.endswith("_seconds_100k"), (field, value)  # shares are at most 1
+    b = r["balance"]
+    assert b["clips"] == 2000 and b["shards"] == 8 and not (tmp_path / "balance-shards").exists()
+    assert (b["recipe"]["max_seconds"], b["recipe"]["max_batch_seconds"]) == (15.0, 160.0)  # iemocap_loso.yaml
+    assert (b["default"]["max_seconds"], b["default"]["max_batch_seconds"]) == (6.0, 48.0)  # DataConfig
+    for batching in ("recipe", "default"):
+        for w in (2, 4, 8):
+            old, new = b[batching]["per_rank"][f"ranks_{w}"], b[batching]["global"][f"ranks_{w}"]
+            assert new["step_balance"] > old["step_balance"], (batching, w)
+    assert "7. balance" in "\n".join(balance_section.table(b))
 
 
 def test_goals_part_is_regenerated_and_the_rest_kept():
