@@ -2,7 +2,8 @@
 
 Every config in dser is a dataclass whose fields carry a ``help`` string in their metadata.
 ``from_dict`` builds one from a (YAML-parsed) dict and fails loudly on an unknown or wrongly
-typed key, naming the key, where it was found and the allowed keys.
+typed key, naming the key, where it was found and the allowed keys. One string where a list of
+strings is expected is the list of that one (``--set data.train=shards/x/train``).
 
 Usage::
 
@@ -72,9 +73,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
+        inner = args[0] if args else Any
+        if isinstance(value, str) and origin is list and inner is str:
+            value = [value]  # `--set data.train=shards/x/train`: a list of that one
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:

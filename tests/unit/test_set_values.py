@@ -45,3 +45,15 @@ def test_a_config_file_that_is_a_directory_or_not_utf8_is_one_line(tmp_path):
     f.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=f"{f}: not UTF-8 text"):
         load_yaml(f)
+
+
+def test_one_value_for_a_list_of_strings_is_that_one_element_list():
+    from dser.runconfig import resolve_config
+    from dser.submit import CHECKOUT
+
+    cfg = resolve_config(CHECKOUT / "dser" / "configs" / "demo_stage1.yaml",
+                         ["data.train=shards/x/train", "data.styles=acted", "model.adaptors=lora"], stage=1)
+    assert (cfg.data.train, cfg.data.styles, cfg.model.adaptors) == (["shards/x/train"], ["acted"], ["lora"])
+    # a number is not a list of numbers: still one line naming the key
+    with pytest.raises(ConfigError, match=r"config\.optim\.betas: expected a list, got 0\.9"):
+        resolve_config(CHECKOUT / "dser" / "configs" / "demo_stage1.yaml", ["optim.betas=0.9"], stage=1)
