@@ -228,14 +228,34 @@ def test_a_forked_child_opens_its_own_files(tmp_path):
     assert _digest(reader) == expected  # the parent's descriptors are untouched
 
 
-def test_a_forkserver_worker_reads_the_pickled_reader(tmp_path):
-    from dser.workers import worker_context
+class _RowDataset:
+    """A map-style dataset over a reader's rows, for DataLoader workers (picklable by reference)."""
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader.rows)
+
+    def __getitem__(self, i: int) -> tuple[bytes, bytes, int]:
+        flac, sample = self.reader.read(self.reader.rows[i])
+        return flac, sample.encode(), os.getpid()
+
+
+def test_dataloader_workers_from_the_forkserver_read_the_pickled_reader(tmp_path):
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from dser.workers import end_with_rank, worker_context
 
     out = _shards(tmp_path)
-    reader = ShardReader(out / "fold0")
-    expected = [reader.read(row) for row in reader.rows]  # the parent holds open files when it pickles
-    assert reader.open_files > 0
+    reader = ShardReader(out / "fold0", max_open=2)
+    expected = [(flac, sample.encode()) for flac, sample in map(reader.read, reader.rows)]
+    assert reader.open_files == 2  # the parent holds open files when the dataset is pickled
     assert pickle.loads(pickle.dumps(reader)).open_files == 0  # no descriptor travels
-    with worker_context().Pool(2) as pool:
-        got = pool.map(reader.read, reader.rows)
-    assert got == expected
+    loader = DataLoader(_RowDataset(reader), batch_size=None, num_workers=2, multiprocessing_context=worker_context(),
+                        worker_init_fn=partial(end_with_rank, os.getpid()))
+    got = list(loader)
+    assert [(flac, meta) for flac, meta, _ in got] == expected
+    assert len({pid for _, _, pid in got}) == 2 and os.getpid() not in {pid for _, _, pid in got}
