@@ -267,7 +267,7 @@ class ShardReader:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown: os may be gone
+        except (AttributeError, TypeError, OSError):  # half-made, or at interpreter shutdown
             pass
 
     # ---- reading ------------------------------------------------------------------------
