@@ -111,6 +111,11 @@ def _padding_overall(r: dict) -> str:
     return f"worst batch ({100 * real:.1f} % overall; {100 * at_90:.0f} % of batches reach 90 %)"
 
 
+def _reader_rates(r: dict) -> str:
+    random_access, streaming = (value_at(r, f"loading.reader.{k}.warm_x_realtime") for k in ("random_access", "streaming"))
+    return "" if None in (random_access, streaming) else f"({random_access:.0f}× vs {streaming:.0f}× real time)"
+
+
 def _growth_per_rank(r: dict) -> str:
     growth = value_at(r, "soak.rss_growth_per_rank")
     if not growth:
@@ -136,6 +141,10 @@ GOALS: tuple[Goal, ...] = (
          detail=_checkpoint),
     Goal("loading.dser.per_worker_x_realtime", ">=", 500.0, "x", 0, "loader, x real time per worker",
          "loader, × real time per worker"),
+    Goal("loading.reader.ratio_random_to_streaming_warm", ">=", 0.9, "x", 2,
+         "random access vs streaming reader, per worker, warm cache",
+         "random access by table offsets vs streaming, × real time per worker (warm cache)",
+         _reader_rates),
     Goal("padding.cropped.dser.min_batch_real_fraction", ">=", 0.9, "%", 1, "bucketing, real audio in every batch",
          "bucketing: real audio ≥ 90 % of *every* batch", _padding_overall),
     Goal("peft.full.front_end_saved_activation_bytes", "<=", 0, "bytes", 0, "frozen CNN keeps no activations (bytes)",

@@ -1,23 +1,36 @@
 """Section 2, loading: the streaming loader (decode FLAC, bucket, pad) in × real time per
 worker, side by side with the same clips as WAV files through a plain torch Dataset +
 DataLoader (``baseline.WavDataset``: one file per clip, random batches padded to the longest).
+
+Beside it, how one worker reads a sample: webdataset's streaming reader (every shard front to
+back) against random access by the per-sample table's offsets (``dser.shard_reader``, the
+samples in a random order), decoding included as the loader decodes, on a warm and on a cold
+page cache (the shards' pages dropped with ``posix_fadvise(DONTNEED)`` before each cold pass).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import random
 import time
 from pathlib import Path
 from typing import Callable
 
 from dser.bench.console import pct, text_table
 from dser.bench.corpus import bench_corpus, train_shards
-from dser.bench.sizes import SAMPLE_RATE, BenchSizes
+from dser.bench.sizes import SAMPLE_RATE, BenchError, BenchSizes
 
 NAME = "loading"
 # The numbers this section writes that goals and readers refer to (dotted, from the results' top).
 MEASURES = ("loading.dser.per_worker_x_realtime", "loading.plain.per_worker_x_realtime",
             "loading.dser.per_worker_x_realtime_2_workers", "loading.dser.real_fraction",
-            "loading.plain.real_fraction", "loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers")
+            "loading.plain.real_fraction", "loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers",
+            "loading.reader.streaming.warm_x_realtime", "loading.reader.random_access.warm_x_realtime",
+            "loading.reader.streaming.cold_x_realtime", "loading.reader.random_access.cold_x_realtime",
+            "loading.reader.ratio_random_to_streaming_warm", "loading.reader.ratio_random_to_streaming_cold",
+            "loading.reader.cold_resident_fraction")
 
 
 def _run_dser_loader(shards: Path, workers: int, passes: int) -> dict:
@@ -56,6 +69,132 @@ def _run_plain_loader(manifest: Path, workers: int, passes: int, batch_size: int
     return {"audio_seconds": audio, "wall_seconds": wall, "batches": batches, "real_fraction": audio / padded}
 
 
+def _drop_page_cache(paths: list[Path]) -> None:
+    """Ask the kernel to drop the files' cached pages (clean pages go; dser fsyncs its shards)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _resident_fraction(paths: list[Path]) -> float:
+    """The share of the files' pages in the page cache now (``mincore``): how cold a cold pass
+    really starts (tmpfs, for one, cannot drop its pages)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    resident = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        pages = -(-size // page)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                continue
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) == 0:
+                resident += sum(v & 1 for v in vec)
+                total += pages
+            libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    return resident / total if total else 0.0
+
+
+def _stream_pass(paths: list[Path], rate: int) -> tuple[float, float]:
+    """webdataset's streaming reader over every shard, each sample checked and decoded as the
+    loader does; (audio seconds, wall seconds)."""
+    import webdataset as wds
+
+    from dser.data import decode_flac
+    from dser.schema import LABEL_KEYS, Sample, duration_matches
+
+    audio = 0.0
+    start = time.perf_counter()
+    for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False):
+        meta = Sample.from_json(s["json"], required=LABEL_KEYS)
+        pcm = decode_flac(s["flac"], rate)
+        if not duration_matches(len(pcm), meta.duration, rate):
+            raise BenchError(f"{s['__url__']}: {s['__key__']}: the FLAC is not its JSON's duration; run dser verify")
+        audio += len(pcm) / rate
+    return audio, time.perf_counter() - start
+
+
+def _random_pass(group: Path, rate: int, seed: int) -> tuple[float, float]:
+    """Random access by the table's offsets (a fresh ``ShardReader``, so its files are opened
+    in the pass), the group's samples in a random order, decoded as the loader does."""
+    from dser.data import decode_flac
+    from dser.schema import duration_matches
+    from dser.shard_reader import ShardReader
+
+    audio = 0.0
+    start = time.perf_counter()
+    with ShardReader(group) as reader:
+        rows = list(reader.rows)
+        random.Random(seed).shuffle(rows)
+        for row in rows:
+            flac, meta = reader.read(row)
+            pcm = decode_flac(flac, rate)
+            if not duration_matches(len(pcm), meta.duration, rate):
+                raise BenchError(f"{group / row.shard}: {row.key}: the FLAC is not its JSON's duration; run dser verify")
+            audio += len(pcm) / rate
+    return audio, time.perf_counter() - start
+
+
+def bench_reader(shards: Path, passes: int, log: Callable[[str], None]) -> dict:
+    """One worker reading a shard group: streaming against random access, warm and cold.
+
+    Warm: one unmeasured pass of each, then ``passes`` of each in alternation. Cold: before each
+    of ``passes`` passes of each (in alternation) the shards' pages are dropped.
+
+    Returns:
+        ``streaming`` and ``random_access``: ``warm_x_realtime``, ``cold_x_realtime``;
+        ``ratio_random_to_streaming_warm`` and ``_cold``; ``cold_resident_fraction`` (the most
+        of the shards' pages still cached right after a drop); ``samples``, ``audio_seconds``,
+        ``shards``, ``passes``.
+    """
+    from dser.schema import ShardIndex
+
+    index = ShardIndex.load(shards)
+    group = index.groups[0]
+    paths = index.shard_paths(group)
+    rate = index.sample_rate
+    runs = {"streaming": lambda k: _stream_pass(paths, rate),
+            "random_access": lambda k: _random_pass(shards / group, rate, seed=k)}
+    for run in runs.values():
+        run(-1)
+    totals = {(name, cache): [0.0, 0.0] for name in runs for cache in ("warm", "cold")}
+    resident = 0.0
+    for k in range(passes):
+        for name, run in runs.items():
+            audio, wall = run(k)
+            totals[name, "warm"][0] += audio
+            totals[name, "warm"][1] += wall
+    for k in range(passes):
+        for name, run in runs.items():
+            _drop_page_cache(paths)
+            resident = max(resident, _resident_fraction(paths))
+            audio, wall = run(k)
+            totals[name, "cold"][0] += audio
+            totals[name, "cold"][1] += wall
+    result: dict = {name: {f"{cache}_x_realtime": totals[name, cache][0] / totals[name, cache][1]
+                           for cache in ("warm", "cold")} for name in runs}
+    for cache in ("warm", "cold"):
+        result[f"ratio_random_to_streaming_{cache}"] = (result["random_access"][f"{cache}_x_realtime"]
+                                                        / result["streaming"][f"{cache}_x_realtime"])
+        log(f"  reading, {cache} cache: streaming {result['streaming'][f'{cache}_x_realtime']:.0f}x, random access "
+            f"{result['random_access'][f'{cache}_x_realtime']:.0f}x real time per worker")
+    result.update(cold_resident_fraction=resident, samples=len(index.table(group)), shards=len(paths),
+                  audio_seconds=totals["streaming", "warm"][0] / passes, passes=passes)
+    return result
+
+
 def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> dict:
     """The streaming loader against a plain Dataset over the same clips as WAV files.
 
@@ -66,7 +205,8 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     Returns:
         ``dser`` and ``plain``: ``workers{0,2}_x_realtime``, ``per_worker_x_realtime``,
         ``per_worker_x_realtime_2_workers``, ``real_fraction``; ``ratio_dser_to_plain`` (in-process)
-        and ``ratio_dser_to_plain_2_workers``; ``plain_batch_size``, ``passes``.
+        and ``ratio_dser_to_plain_2_workers``; ``plain_batch_size``, ``passes``; ``reader``:
+        streaming against random access per worker (``bench_reader``).
     """
     shards = train_shards(work, sizes)
     manifest = bench_corpus(work, SAMPLE_RATE, sizes.shard_clips_16k)
@@ -91,6 +231,7 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     result["ratio_dser_to_plain"] = result["dser"]["workers0_x_realtime"] / result["plain"]["workers0_x_realtime"]
     result["ratio_dser_to_plain_2_workers"] = (result["dser"]["workers2_x_realtime"]
                                                / result["plain"]["workers2_x_realtime"])
+    result["reader"] = bench_reader(shards, sizes.loader_passes, log)
     return result
 
 
@@ -102,5 +243,15 @@ def table(result: dict) -> list[str]:
             for name, k in (("dser shards", "dser"), (plain, "plain"))]
     rows.append(["ratio dser / plain", f"{result['ratio_dser_to_plain']:.2f}x",
                  f"{result['ratio_dser_to_plain_2_workers']:.2f}x", "", ""])
-    return text_table("2. loading (decode + batch), x real time",
-                      ["loader", "in-process", "2 workers", "per worker", "real audio"], rows)
+    lines = text_table("2. loading (decode + batch), x real time",
+                       ["loader", "in-process", "2 workers", "per worker", "real audio"], rows)
+    reader = result.get("reader")
+    if reader:
+        rows = [[name, f"{reader[k]['warm_x_realtime']:.0f}x", f"{reader[k]['cold_x_realtime']:.0f}x"]
+                for name, k in (("webdataset streaming", "streaming"), ("random access by offset", "random_access"))]
+        rows.append(["ratio random / streaming", f"{reader['ratio_random_to_streaming_warm']:.2f}x",
+                     f"{reader['ratio_random_to_streaming_cold']:.2f}x"])
+        lines += text_table(f"2. loading: reading a sample (decode included), x real time per worker; "
+                            f"{pct(reader['cold_resident_fraction'])} of the shards cached after the drop",
+                            ["reader", "warm cache", "cold cache"], rows)
+    return lines

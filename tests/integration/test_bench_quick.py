@@ -42,6 +42,9 @@ FIELDS = (
     + [f"sharding.{rate}.{k}" for rate in ("16k", "48k") for k in SHARDING]
     + [f"loading.{who}.{k}" for who in ("dser", "plain") for k in LOADER]
     + ["loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers", "loading.plain_batch_size"]
+    + [f"loading.reader.{who}.{cache}_x_realtime" for who in ("streaming", "random_access") for cache in ("warm", "cold")]
+    + [f"loading.reader.{k}" for k in ("ratio_random_to_streaming_warm", "ratio_random_to_streaming_cold",
+                                       "cold_resident_fraction", "samples", "audio_seconds")]
     + ["padding.clips", "padding.median_seconds", "padding.mean_seconds", "padding.min_seconds", "padding.max_seconds"]
     + [f"padding.{case}.{who}.{k}" for case in ("cropped", "whole") for who in ("dser", "random") for k in PADDING]
     + [f"padding.{case}.ratio_dser_to_random" for case in ("cropped", "whole")]
