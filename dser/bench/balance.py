@@ -22,6 +22,7 @@ the time to plan 100 000 clips.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -110,7 +111,7 @@ def bench_balance(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     from dser.shardfiles import resolve_shards
 
     lengths = iemocap_like_lengths(sizes.padding_clips, seed=7)
-    plan_dir = work / "balance-shards"
+    plan_dir = Path(tempfile.mkdtemp(prefix="balance-shards-", dir=work))  # ours alone: removed below
     _write_plan_shards(plan_dir, lengths, per_shard=CLIPS_PER_SHARD)
     shards = resolve_shards([str(plan_dir / "*.tar")])
     result: dict = {"clips": len(lengths), "clips_per_shard": CLIPS_PER_SHARD, "shards": len(shards)}
