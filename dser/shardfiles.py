@@ -239,3 +239,37 @@ def count_set(specs: Sequence[str | Path], label_set: LabelSet | None, styles: S
                 counts.clips += {"emotion": labelled, "attributes": attributed,
                                  "any": max(labelled, attributed), None: every}[require]
     return counts
+
+
+def ranks_problem(specs: Sequence[str | Path], world_size: int, clips: int, key: str = "data.train") -> str | None:
+    """Whether a training set can feed ``world_size`` ranks, as the loader will read it.
+
+    A set of indexed groups only is planned globally (``dser.global_plan``): any number of
+    ranks works on any number of shards while there is a clip for every rank. A set with a
+    loose ``.tar`` (no index) streams, its tars split across ranks: it needs a tar per rank.
+
+    Args:
+        specs: the set's shard specs.
+        world_size: ranks that will train.
+        clips: the set's clips after its filters (``count_set(...).clips``; loose tars uncounted).
+        key: the config key, for the message.
+
+    Returns:
+        One line saying what is wrong and what to do, or None when the set fits.
+
+    Raises:
+        DataError: as ``shard_files``.
+    """
+    files = shard_files(specs)
+    loose = [f for f in files if f.index is None]
+    if loose:
+        if len(files) < world_size:
+            return (f"config.{key}: {len(files)} shard(s), {len(loose)} of them loose .tar files (no index), for "
+                    f"{world_size} ranks: a set with loose tars streams them split across ranks, at least one each; "
+                    f"give the directories `dser shard` wrote instead (read through their index, any number of "
+                    f"ranks works), or run on at most {len(files)} rank(s)")
+        return None
+    if clips < world_size:
+        return (f"config.{key}: {clips} clip(s) for {world_size} ranks, and every rank needs a clip each step; "
+                f"add groups to {key} or run on at most {max(clips, 1)} rank(s)")
+    return None
