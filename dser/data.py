@@ -100,10 +100,13 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dser.global_plan import EpochPlan, plan_epoch
+from dser.indexed_set import IndexedGroup, IndexedSet, indexed_set
 from dser.labels import STYLES, LabelSet, get_label_set
 from dser.planning import Clip, PlannedBatch, Planner, bucket_by_length, shard_problem, shuffle_buffer
-from dser.schema import IGNORE_INDEX, duration_matches
-from dser.shardfiles import DataError, ShardFile, shard_files
+from dser.schema import IGNORE_INDEX, TableRow, duration_matches
+from dser.shard_reader import SampleReadError, ShardReader
+from dser.shardfiles import DataError, ShardFile, ranks_problem, shard_files
 from dser.workers import end_with_rank, worker_context
 
 log = logging.getLogger(__name__)
@@ -410,8 +413,99 @@ class ShardStream(IterableDataset):
                 log.warning("%s", line)
 
 
+class PlannedStream(IterableDataset):
+    """One epoch of one rank's batches from the global plan (``dser.global_plan``), from step
+    ``skip`` on, read by random access and split across DataLoader workers.
+
+    The main process plans the epoch and keeps this rank's batches from ``skip`` on, each clip
+    as its table row, group, crop offset and length; worker ``p`` of ``K`` reads, decodes and
+    pads the batches ``p, p + K, …`` of that list, so the DataLoader's round robin returns them
+    in plan order. Nothing here scans a tar: each clip's members are read at the offsets its row
+    records (``ShardReader``, one per group and worker, its files opened in the worker).
+    """
+
+    def __init__(self, cfg: LoaderConfig, found: IndexedSet, plan: EpochPlan, rank: int, skip: int):
+        super().__init__()
+        self.cfg, self.epoch, self.skip = cfg, plan.epoch, skip
+        self.groups: tuple[IndexedGroup, ...] = found.groups
+        # (step, clips planned elsewhere too, ((group, row, offset, length), …)) per batch of this rank
+        self.batches: list[tuple[int, bool, tuple[tuple[int, TableRow, int, int], ...]]] = [
+            (step, b.repeat, tuple((found.group_of[c.index], found.rows[c.index], c.offset, c.length)
+                                   for c in b.clips))
+            for step, b in plan.rank_batches(rank, start=skip)]
+
+    def _load(self, readers: list[ShardReader], k: int, row: TableRow, offset: int, length: int) -> dict:
+        cfg, group = self.cfg, self.groups[k]
+        flac, sample = readers[k].read(row)
+        pcm = decode_flac(flac, group.sample_rate)
+        if not duration_matches(len(pcm), sample.duration, group.sample_rate):
+            raise ValueError(f"its JSON duration says {sample.duration:.3f} s "
+                             f"but the FLAC holds {len(pcm) / group.sample_rate:.3f} s")
+        if group.sample_rate != cfg.sample_rate:  # as the streaming path: to the backbone's rate
+            pcm = soxr.resample(pcm.astype(np.float32) / 32768, group.sample_rate, cfg.sample_rate, quality="HQ")
+        n = min(len(pcm), length)
+        start = min(offset, len(pcm) - n)  # the plan's offset, from the table's duration
+        emotion = cfg.label_set.index(sample.emotion) if cfg.label_set is not None else None
+        return {"audio": pcm[start: start + n], "utt_id": row.utt_id,
+                "emotion": IGNORE_INDEX if emotion is None else emotion, "attributes": sample.attributes}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip_damage = self.cfg.train if self.cfg.skip_damaged_shards is None else self.cfg.skip_damaged_shards
+        readers = [g.reader() for g in self.groups]
+        try:
+            for step, repeat, clips in self.batches[worker::num_workers]:
+                samples, bad = [], []
+                for k, row, offset, length in clips:
+                    try:
+                        samples.append(self._load(readers, k, row, offset, length))
+                    except SampleReadError as e:
+                        if not skip_damage:
+                            raise DataError(str(e)) from None
+                        bad.append(f"{row.utt_id}: {e}")
+                    except ValueError as e:
+                        bad.append(f"{row.utt_id}: {e} (in {self.groups[k].directory / row.shard})")
+                for b in bad:
+                    log.warning("skipping corrupt sample %s", b)
+                batch = collate(samples, self.cfg.sample_rate)
+                batch.update(epoch=self.epoch, index=step, bad_samples=bad, repeated=len(clips) if repeat else 0)
+                yield batch
+        finally:
+            for r in readers:
+                r.close()
+
+
+def epoch_plan(cfg: LoaderConfig, found: IndexedSet, epoch: int, world_size: int) -> EpochPlan:
+    """The global plan of an epoch of ``found`` with ``cfg``'s batching (the same on every rank).
+
+    Raises:
+        DataError: no clip kept (naming the filters), or fewer clips than ranks.
+    """
+    if not len(found):
+        raise DataError(f"got no training clips from {cfg.shards}: none of their {found.listed} samples has "
+                        f"{_wanted(cfg)}; check data.label_set, data.styles and data.require")
+    return plan_epoch(found.durations, seed=cfg.seed, epoch=epoch, world_size=world_size,
+                      max_seconds=cfg.max_seconds, max_batch_seconds=cfg.max_batch_seconds,
+                      bucket_buffer=cfg.bucket_buffer, bucket_min_batches=cfg.bucket_min_batches,
+                      sample_rate=cfg.sample_rate)
+
+
+def _wanted(cfg: LoaderConfig) -> str:
+    styles = f" in styles {cfg.styles}" if cfg.styles else ""
+    labels = {"emotion": f"a class of label set {cfg.label_set and cfg.label_set.name}",
+              "attributes": "all three attributes", "any": "a class or all three attributes",
+              None: "any labels"}[cfg.require]
+    return labels + styles
+
+
 def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> DataLoader:
     """A DataLoader over one epoch of this rank's batches.
+
+    Training on indexed groups (directories ``dser shard`` wrote) follows the global plan:
+    every rank plans the whole epoch from the groups' tables, gets the same number of batches,
+    and reads its own clips by random access. Evaluation, and training on loose ``.tar`` files
+    (no index), stream the rank's share of the shards (``ShardStream``).
 
     Args:
         cfg: what to read and how to batch it.
@@ -423,16 +517,25 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
         A ``torch.utils.data.DataLoader`` yielding batch dicts (see the module docstring).
 
     Raises:
-        DataError: a shard spec matching nothing, or (training) fewer shards than ranks.
+        DataError: a shard spec matching nothing; in training, no clip kept, fewer clips than
+            ranks, or (loose tars) fewer tars than ranks.
     """
     shards = shard_files(cfg.shards)
     rank, world_size = resolve_rank(cfg)
-    if cfg.train and len(shards) < world_size:
-        raise DataError(f"{len(shards)} training shard(s) in {cfg.shards} for {world_size} ranks: every rank "
-                        f"needs at least one; write more, smaller shards with `dser shard`")
     if skip_batches < 0:
         raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
-    dataset = ShardStream(cfg, shards, rank, world_size, epoch, skip_batches)
+    found = indexed_set(shards, cfg.label_set, cfg.styles, cfg.require) if cfg.train else None
+    if found is not None:
+        plan = epoch_plan(cfg, found, epoch, world_size)
+        if plan.repeats and rank == 0:
+            log.warning("epoch %d: %d clip(s) planned twice so that each of the %d ranks has a batch every step "
+                        "(%d clips, %d steps)", epoch, plan.repeats, world_size, len(found), len(plan))
+        dataset: IterableDataset = PlannedStream(cfg, found, plan, rank, skip_batches)
+    else:
+        if cfg.train and len(shards) < world_size:
+            raise DataError(ranks_problem(cfg.shards, world_size, 0, "data.train") or
+                            f"{len(shards)} training shard(s) in {cfg.shards} for {world_size} ranks")
+        dataset = ShardStream(cfg, shards, rank, world_size, epoch, skip_batches)
     workers = cfg.num_workers
     # The DataLoader's default in-order delivery (round robin over the workers, skipping those
     # that ran dry) is what puts worker p's batches skip + p, skip + p + K, … back in plan order.
@@ -503,6 +606,7 @@ class TrainStream:
         self.share, self.seed = share if rehearsal is not None else 0.0, seed
         self.drawn = 0
         self.bad_samples: list[str] = []
+        self.repeated = 0  # clips this rank was given twice in an epoch, to keep the ranks in step
         self.streams: dict[str, BatchStream] = {}
         self.iters: dict[str, Iterator[dict]] = {}
         self.load_state_dict({})
@@ -528,6 +632,7 @@ class TrainStream:
             batch = next(self.iters[which])
             bad.extend(batch["bad_samples"])
             self.bad_samples.extend(batch["bad_samples"])
+            self.repeated += batch.get("repeated", 0)
             if batch["utt_id"]:
                 batch["bad_samples"] = bad
                 return batch
@@ -535,7 +640,7 @@ class TrainStream:
     def state_dict(self) -> dict:
         pos = {name: [s.epoch, s.batches_done] for name, s in self.streams.items()}
         return {"pos": {"main": [0, 0], "rehearsal": [0, 0], **pos}, "drawn": self.drawn,
-                "bad_samples": list(self.bad_samples)}
+                "bad_samples": list(self.bad_samples), "repeated": self.repeated}
 
     def load_state_dict(self, state: dict) -> "TrainStream":
         pos = state.get("pos", {})
@@ -544,4 +649,5 @@ class TrainStream:
         self.iters = {}
         self.drawn = int(state.get("drawn", 0))
         self.bad_samples = list(state.get("bad_samples", []))
+        self.repeated = int(state.get("repeated", 0))
         return self

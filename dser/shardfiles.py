@@ -56,6 +56,7 @@ class ShardFile:
         index: the ``index.json`` that lists it (None for a loose tar).
         sample_rate: the rate its audio is stored at, from the index (None for a loose tar: it
             must be the loader's ``sample_rate``).
+        group_name: its group's name in the index (None for a loose tar).
     """
 
     path: str
@@ -63,6 +64,7 @@ class ShardFile:
     samples: int | None
     index: str | None = None
     sample_rate: int | None = None
+    group_name: str | None = None
 
 
 _LOOSE_NOTED: set[str] = set()
@@ -94,7 +96,7 @@ def _indexed_files(directory: Path, spec: str) -> list[ShardFile] | None:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, {index.out / INDEX_NAME} says {s['bytes']}; "
                                 f"run `dser verify {index.out}`")
             files.append(ShardFile(str(path.resolve()), f"{index.out}/{g}", int(s["samples"]),
-                                   str((index.out / INDEX_NAME).resolve()), index.sample_rate))
+                                   str((index.out / INDEX_NAME).resolve()), index.sample_rate, g))
     return files
 
 

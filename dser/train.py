@@ -607,8 +607,9 @@ class Recipe:
             rank0_print(format_metrics(name, m))
             if self.writer is not None:
                 _log_metrics(self.writer, f"test/{name}", m, st.step)
-        bad_lists = [None] * self.world
+        bad_lists, repeated = [None] * self.world, [None] * self.world
         dist.all_gather_object(bad_lists, self.stream.bad_samples)
+        dist.all_gather_object(repeated, self.stream.repeated)
         record = None
         if self.rank == 0:
             record = self.provenance()
@@ -620,6 +621,7 @@ class Recipe:
                 "params": self.params, "config": to_dict(cfg), "valid_history": st.history,
                 "bad_samples": {"count": st.bad_total, "samples": bad_samples},
                 "skipped_steps": {"count": len(st.skipped), "steps": st.skipped},
+                "repeated_clips": sum(repeated),
                 "eval": {name: dict(m) for name, m in results.items()}, "provenance": record})
         self._gathered(lambda: export_model(
             self.model, self.export_dir, run_config={"stage": self.stage, **to_dict(cfg)},

@@ -1,5 +1,5 @@
-"""2 ranks × 2 DataLoader workers under the real DeepSpeed launcher (CPU, gloo) read every
-sample exactly once per epoch, with a shard count (7) that does not divide evenly."""
+"""Ranks × 2 DataLoader workers under the real DeepSpeed launcher (CPU, gloo) read every sample
+once per epoch: 2 ranks on 7 shards (a count that does not divide evenly), 4 ranks on one shard."""
 
 import collections
 import json
@@ -24,27 +24,35 @@ def free_port() -> int:
 
 
 @pytest.mark.integration
-def test_two_ranks_two_workers_read_every_sample_once(tmp_path):
-    records = write_test_shards(tmp_path / "shards", 50, 7)
+@pytest.mark.parametrize("ranks, n_shards", [(2, 7), (4, 1)])
+def test_ranks_and_workers_read_every_sample_once(tmp_path, ranks, n_shards):
+    """7 shards over 2 ranks (not a multiple), and one shard over 4 ranks: training follows the
+    global plan (every rank the same number of batches, every clip once, repeats only as
+    counted), evaluation splits the shards (a rank may get none)."""
+    records = write_test_shards(tmp_path / "shards", 50, n_shards)
     everything = {r["utt_id"] for r in records}
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(free_port()),
+    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()),
            str(SCRIPT), "--shards", str(tmp_path / "shards"), "--out", str(out), "--workers", "2"]
     # The first launch on a machine JIT-builds DeepSpeed's CPU communication op (about a minute).
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+    assert [r["world_size"] for r in per_rank] == [ranks] * ranks
     for name in ("train0", "train1", "eval"):
-        per_rank = [r["read"][name] for r in ranks]
-        assert all(per_rank), f"{name}: a rank read nothing: the shards were not split by rank"
-        counts = collections.Counter(u for ids in per_rank for u in ids)
-        duplicates = [u for u, c in counts.items() if c > 1]
-        assert not duplicates, f"{name}: read more than once: {duplicates}"
+        read = [r["read"][name] for r in per_rank]
+        counts = collections.Counter(u for ids in read for u in ids)
         assert set(counts) == everything, f"{name}: never read: {sorted(everything - set(counts))}"
-    # Training reshuffles shards each epoch, so the ranks' shares change between epochs.
-    assert set(ranks[0]["read"]["train0"]) != set(ranks[0]["read"]["train1"])
+        if name == "eval":
+            assert sum(counts.values()) == len(everything), f"eval: read more than once: {counts.most_common(3)}"
+            continue
+        assert all(read), f"{name}: a rank read nothing"
+        assert len({r["batches"][name] for r in per_rank}) == 1, f"{name}: ranks got different batch counts"
+        repeated = sum(r["repeated"][name] for r in per_rank)
+        assert sum(counts.values()) == len(everything) + repeated, f"{name}: uncounted repeats"
+    # Each epoch has its own plan, so the ranks' shares change between epochs.
+    assert set(per_rank[0]["read"]["train0"]) != set(per_rank[0]["read"]["train1"])

@@ -308,13 +308,59 @@ def test_ranks_and_workers_split_without_loss_or_duplication(tmp_path, train):
     assert set(counts) == {r["utt_id"] for r in records}
 
 
-def test_training_needs_a_shard_per_rank(tmp_path):
+def test_one_shard_feeds_sixteen_ranks_each_clip_once_and_every_rank_the_same_batches(tmp_path):
+    records = write_test_shards(tmp_path, 40, 1, durations=(0.2, 1.2))
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, max_batch_seconds=2.0, num_workers=0,
+                       rank=0, world_size=16)
+    per_rank = [read_all(replace(cfg, rank=r)) for r in range(16)]
+    counts = {len(b) for b in per_rank}
+    assert len(counts) == 1 and counts.pop() >= 1  # every rank the same number of batches
+    for batches in per_rank:
+        assert [b["index"] for b in batches] == list(range(len(batches)))
+        assert all(b["utt_id"] for b in batches)
+    uses = collections.Counter(u for batches in per_rank for b in batches for u in b["utt_id"])
+    assert set(uses) == {r["utt_id"] for r in records}
+    repeated = sum(b["repeated"] for batches in per_rank for b in batches)
+    assert sum(uses.values()) == len(records) + repeated  # only counted repeats
+
+
+def test_the_loader_yields_the_global_plans_batches_with_their_crops(tmp_path):
+    records = by_utt(write_test_shards(tmp_path / "a", 30, 2, group="a", prefix="a", durations=(0.3, 2.0)))
+    records.update(by_utt(write_test_shards(tmp_path / "b", 20, 1, group="b", prefix="b", durations=(0.3, 2.0))))
+    cfg = LoaderConfig(shards=[str(tmp_path / "a"), str(tmp_path / "b" / "b")], require=None, max_seconds=0.8,
+                       max_batch_seconds=3.0, bucket_buffer=10, num_workers=2, seed=4, rank=1, world_size=3)
+    found = data.indexed_set(cfg.shards, None, None, None)
+    plan = data.epoch_plan(cfg, found, epoch=2, world_size=3)
+    batches = read_all(cfg, epoch=2)
+    assert len(batches) == len(plan)
+    for b, (step, planned) in zip(batches, plan.rank_batches(1)):
+        assert b["index"] == step and b["epoch"] == 2
+        assert b["utt_id"] == [found.rows[c.index].utt_id for c in planned.clips]
+        assert b["audio"].shape == (len(planned.clips), max(c.length for c in planned.clips))
+        for i, c in enumerate(planned.clips):
+            pcm = (b["audio"][i, :int(b["lengths"][i])].numpy() * 32768).astype(np.int16)
+            original = records[b["utt_id"][i]]["audio"]
+            np.testing.assert_array_equal(pcm, original[c.offset: c.offset + c.length])
+
+
+def test_loose_training_tars_need_a_tar_per_rank(tmp_path):
     write_test_shards(tmp_path, 6, 2)
-    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, rank=0, world_size=3, num_workers=0)
-    with pytest.raises(DataError, match="2 training shard.*3 ranks"):
+    cfg = LoaderConfig(shards=[str(tmp_path / "fold0" / "*.tar")], require=None, rank=0, world_size=3,
+                       num_workers=0)
+    with pytest.raises(DataError, match=r"2 shard\(s\), 2 of them loose .tar files \(no index\), for 3 ranks.*"
+                                        r"give the directories `dser shard` wrote"):
         make_loader(cfg)
+    # The same shards through their index feed the 3 ranks.
+    assert read_all(replace(cfg, shards=[str(tmp_path)]))
     # Evaluation may leave a rank without shards: it yields nothing.
     assert read_all(replace(cfg, train=False, rank=2)) == []
+
+
+def test_fewer_training_clips_than_ranks_is_one_line(tmp_path):
+    write_test_shards(tmp_path, 5, 1)
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, rank=0, world_size=8, num_workers=0)
+    with pytest.raises(DataError, match=r"5 training clip\(s\) for 8 ranks.*at most 5 rank"):
+        make_loader(cfg)
 
 
 def test_rank_comes_from_the_environment_without_a_process_group(monkeypatch):
@@ -379,27 +425,29 @@ def test_a_truncated_shard_fails_evaluation_with_its_name(tmp_path):
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_training_goes_on_past_a_damaged_shard_and_reports_it_once(tmp_path, caplog):
+def test_training_goes_on_past_a_damaged_shard_reporting_each_lost_sample(tmp_path, caplog):
     records = write_test_shards(tmp_path, 12, 2)
     shard = tmp_path / "fold0" / "fold0-000000.tar"
     data_ = bytearray(shard.read_bytes())
-    # Damage of the listed size (a truncated one is refused up front: its size is wrong).
-    data_[len(data_) // 2:] = b"\xff" * (len(data_) - len(data_) // 2)
+    # Damage of the listed size (a truncated one is refused up front: its size is wrong), over
+    # the members of samples 3 and 4 only: random access reads the samples after it.
+    table = ShardIndex.load(tmp_path).table("fold0")
+    start, end = table[3].flac[0] + 100, table[4].json[0] + 10
+    data_[start:end] = b"\xff" * (end - start)
     shard.write_bytes(bytes(data_))
     cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=True, max_batch_seconds=12.0, num_workers=0)
     with caplog.at_level("WARNING", logger="dser.data"):
         batches = read_all(cfg)
-    # The epoch's end says the group fell short of its index.
-    short = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
-    assert len(short) == 1 and f"{tmp_path}/fold0: epoch 0 read " in short[0] and "of the 12 samples" in short[0]
     got = {u for b in batches for u in b["utt_id"]}
-    second = {r["utt_id"] for r in records[6:]}
-    assert second <= got and 0 < len(got - second) < 6  # the first shard's samples before the damage
-    # tarfile takes a garbage header for the archive's end: the half-read sample is reported, and
-    # the shortfall against the index tells of the rest.
+    lost = {records[3]["utt_id"], records[4]["utt_id"]}
+    assert got == {r["utt_id"] for r in records} - lost
     bad = [s for b in batches for s in b["bad_samples"]]
-    assert len(bad) == 1 and str(shard.resolve()) in bad[0], bad
-    assert f"read {len(got)} of the 12 samples its index lists (1 unreadable" in short[0]
+    assert sorted(s.split(":")[0] for s in bad) == sorted(lost), bad
+    assert all(str(shard) in s and "dser verify" in s for s in bad)
+    # A set that must be whole stops at the damage, naming the shard and sample.
+    with pytest.raises(DataError) as e:
+        read_all(replace(cfg, skip_damaged_shards=False))
+    assert str(shard) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_json_without_label_keys_is_a_bad_sample(tmp_path):
