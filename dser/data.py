@@ -1,37 +1,51 @@
-"""The streaming data loader: WebDataset shards in, padded batches capped by audio seconds out.
+"""The data loader: shards in, padded batches capped by audio seconds out.
 
 Training and evaluation read the shards written by ``dser shard`` (``<group>/<group>-NNNNNN.tar``
-holding ``<key>.flac`` + ``<key>.json``) through one pipeline per rank. Decoding happens *after*
-the batches are planned, so planning (and skipping, on resume) costs only tar reading::
+holding ``<key>.flac`` + ``<key>.json``, and the group's per-sample table ``samples.jsonl``).
+Decoding happens *after* the batches are planned, so planning (and skipping, on resume) costs
+no audio. Indexed groups (directories ``dser shard`` wrote) are planned from their tables and
+read by random access; loose ``.tar`` files (no index) are streamed::
 
-    shard specs ─resolve_shards─▶ .tar paths ─shuffle (seed, epoch)─▶ split by node (rank)
-        │   (training only)                    (every rank the same order; rank r takes r::W)
+    indexed groups ─indexed_set─▶ every kept sample's table row (label set, styles, required
+        │   labels applied from the table; dser.indexed_set)
         ▼
-    WebDataset: tar → {key.flac (bytes), key.json} ─ parse JSON only ─ filter: label set, style,
-        │       required labels ─ shuffle buffer on compressed samples (training only)
+    training: the global epoch plan (dser.global_plan; the same on every rank): shuffle by
+        │   (seed, epoch), a crop window per clip, buckets under max_batch_seconds, batches
+        │   dealt into steps of near-equal padded seconds, one batch per rank per step
+    evaluation: every clip once in table order, cut to max_seconds, bucketed, batches dealt
+        │   to the ranks in turn
         ▼
-    bucket by length: a buffer sorted by (cropped) duration, cut into batches whose padded
-        │       size B × T_max ≤ max_batch_seconds; batch order shuffled (training) or kept
-        ▼
-    the epoch's *plan*: batch 0, 1, 2, … — the same on every DataLoader worker of the rank
-        │
-        ▼  split by worker: of the plan from batch ``skip`` on, worker p takes every K-th
-    decode FLAC (soundfile, int16 → float32 / 32768) ─ crop ─ pad ─▶ batch dict
+    this rank's batches (from ``skip`` on) ─ split by worker: worker p takes every K-th ─
+        ShardReader: pread each clip's members at its row's offsets (an LRU of open shards) ─
+        decode FLAC (soundfile, int16 → float32 / 32768) ─ resample (index rate → 16 kHz) ─
+        crop as planned ─ pad ─▶ batch dict
 
-Why split by worker at the batch level (every worker reads its rank's tars; each decodes a
-1/K share of the batches) rather than at the shard level: the rank's batch sequence is then
-one plan that does not depend on the number of workers, PyTorch's in-order round robin over
-workers hands it back exactly in plan order, and resuming at batch ``n`` of an epoch is exact
-(``make_loader(cfg, epoch=e, skip_batches=n)``) even after some workers ran dry, and even with a
-different ``num_workers``. The cost is that every worker reads (not decodes) the rank's tar
-bytes and holds its own shuffle and bucket buffers; workers walk the tars in step, so the page
-cache serves most reads, and decoding dominates. A few workers per rank (2–4) are enough: one
-decodes and pads well over 1000× real time.
+    loose .tar files ─shuffle (seed, epoch)─▶ split by node (rank r takes r::W; training needs
+        │   a tar per rank) ─ WebDataset: parse JSON only ─ filter ─ shuffle buffer ─ bucket by
+        ▼   length (each rank on its own: no balance across ranks) ─ split by worker ─ decode …
+
+Why a global plan: ranks wait for each other at every step, so a step lasts as long as its
+slowest rank. Planned per rank, at 8 ranks with 15 s crops and a 160 s cap, a step's ranks
+averaged 89 % of the slowest's padded seconds; planned for all ranks at once, 99 % (``dser
+bench --only balance``). It also lets any number of ranks train on any number of shards (an
+IEMOCAP session is one 150 MB shard) and gives every rank the same number of batches an epoch:
+clips repeat only where a set is too small to fill whole steps otherwise (counted in each
+batch's ``repeated`` and logged).
+
+Why split by worker at the batch level: the rank's batch sequence is one plan that does not
+depend on the number of workers, PyTorch's in-order round robin over workers hands it back
+exactly in plan order, and resuming at batch ``n`` of an epoch is exact
+(``make_loader(cfg, epoch=e, skip_batches=n)``) even with a different ``num_workers``. A worker
+reads only its own batches' clips (random access; loose tars: every worker reads the rank's
+tar bytes and decodes its share). A few workers per rank (2–4) are enough: one decodes and pads
+well over 1000× real time.
 
 Where the stages live: ``dser.shardfiles`` expands shard specs into the shards their indexes
-list (and counts a set's clips without reading a tar), ``dser.planning`` makes the plan (parse,
-filter, shuffle, bucket) and ``dser.workers`` starts the DataLoader workers and ends them with
-their rank; this module holds the config, decoding and collating, the dataset and the loader,
+list (and counts a set's clips without reading a tar), ``dser.indexed_set`` gathers a set's
+table rows, ``dser.global_plan`` plans a training epoch, ``dser.shard_reader`` reads a row's
+members, ``dser.planning`` plans loose tars (parse, filter, shuffle, bucket) and holds the
+bucketing both paths use, and ``dser.workers`` starts the DataLoader workers and ends them with
+their rank; this module holds the config, decoding and collating, the datasets and the loader,
 and the training streams.
 
 Where a rank's number comes from: ``LoaderConfig.rank``/``world_size`` when set (tests
@@ -51,18 +65,23 @@ Batch dict (what the loader yields; ``B`` clips, ``T`` = longest clip in samples
     attributes       (B, 3) float32   valence, arousal, dominance in [0, 1]; NaN where unlabelled
     utt_id           list[str]        utterance ids, in row order
     duration_s       float            real audio seconds in the batch (for audio-seconds/s logs)
-    epoch, index     int              where the batch sits: the epoch and its place in the plan
+    epoch, index     int              where the batch sits: the epoch and its place in the rank's
+                                      plan (training on indexed groups: the step)
     bad_samples      list[str]        "utt_id: reason" of corrupt samples left out since the
                                       previous batch (counted against train.max_bad_samples)
+    repeated         int              clips of this batch that the epoch also plans elsewhere (a
+                                      batch repeated so that every rank has one each step; 0 almost
+                                      always; indexed training only)
 
 A batch has ``B = 0`` only when every clip planned into it turned out corrupt; the recipe
 should draw the next batch.
 
 Resume: the consumer counts the batches it took in the current epoch; a loader made with
 ``make_loader(cfg, epoch=e, skip_batches=n)`` yields batch ``n`` of epoch ``e`` first, and the
-same batches (clips, crops, order) an uninterrupted loader would. Random crops draw from a
-generator seeded by (seed, epoch, utt_id), the shuffles by (seed, epoch, rank), so nothing
-depends on how far anybody skipped. ``BatchStream`` wraps this into an endless training
+same batches (clips, crops, order) an uninterrupted loader would. The global plan depends on
+(seed, epoch, world size) alone; the loose-tar path's random crops draw from a generator seeded
+by (seed, epoch, utt_id), its shuffles by (seed, epoch, rank), so nothing depends on how far
+anybody skipped. ``BatchStream`` wraps this into an endless training
 iterator that tracks ``(epoch, batches_done)``; ``TrainStream``, the recipe's, mixes a second
 (rehearsal) ``BatchStream`` into the first at a fixed share and never returns an empty batch.
 
@@ -100,7 +119,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dser.global_plan import EpochPlan, plan_epoch
+from dser.global_plan import EpochPlan, PlannedClip, PlannedStepBatch, plan_epoch
 from dser.indexed_set import IndexedGroup, IndexedSet, indexed_set
 from dser.labels import STYLES, LabelSet, get_label_set
 from dser.planning import Clip, PlannedBatch, Planner, bucket_by_length, shard_problem, shuffle_buffer
@@ -134,14 +153,17 @@ class LoaderConfig:
         bucket_buffer: clips sorted by length together when planning batches.
         bucket_min_batches: the bucket buffer also holds at least this many batches' worth of
             audio, so padding stays small for any ``max_batch_seconds``.
-        shuffle_buffer: compressed clips held for shuffling (training only).
+        shuffle_buffer: compressed clips held for shuffling (training on loose tars only: the
+            global plan shuffles the whole set).
         seed: seed for shard order, shuffles and crops.
         num_workers: DataLoader worker processes per rank (0 = in the calling process).
         prefetch_factor: batches each worker prepares ahead.
         pin_memory: pin batch tensors (only with CUDA).
-        skip_damaged_shards: go on past a truncated or unreadable shard (its readable samples
-            are used, the damage is reported in ``bad_samples``) instead of failing; None:
-            in training only (a test set read in part would give wrong metrics).
+        skip_damaged_shards: go on past a damaged shard (indexed groups: a sample whose
+            members are not where its table row says; loose tars: a truncated or unreadable
+            tar, its readable samples used), reporting the damage in ``bad_samples``, instead
+            of failing; None: in training only (a test set read in part would give wrong
+            metrics). Undecodable audio is always skipped and reported.
         train: training (shuffle, random crops) or evaluation (fixed order, every clip once).
         sample_rate: the rate batches come at (the backbones' 16 kHz). Shards stored at another
             rate (their index says) are resampled to it with soxr; a loose tar's clips must be at
@@ -414,25 +436,27 @@ class ShardStream(IterableDataset):
 
 
 class PlannedStream(IterableDataset):
-    """One epoch of one rank's batches from the global plan (``dser.global_plan``), from step
-    ``skip`` on, read by random access and split across DataLoader workers.
+    """One epoch of one rank's planned batches, from batch ``skip`` on, read by random access
+    and split across DataLoader workers.
 
-    The main process plans the epoch and keeps this rank's batches from ``skip`` on, each clip
-    as its table row, group, crop offset and length; worker ``p`` of ``K`` reads, decodes and
-    pads the batches ``p, p + K, …`` of that list, so the DataLoader's round robin returns them
-    in plan order. Nothing here scans a tar: each clip's members are read at the offsets its row
-    records (``ShardReader``, one per group and worker, its files opened in the worker).
+    The main process plans (``epoch_plan`` in training, ``eval_plan`` in evaluation) and keeps
+    this rank's batches from ``skip`` on, each clip as its table row, group, crop offset and
+    length; worker ``p`` of ``K`` reads, decodes and pads the batches ``p, p + K, …`` of that
+    list, so the DataLoader's round robin returns them in plan order. Nothing here scans a tar:
+    each clip's members are read at the offsets its row records (``ShardReader``, one per group
+    and worker, its files opened in the worker).
     """
 
-    def __init__(self, cfg: LoaderConfig, found: IndexedSet, plan: EpochPlan, rank: int, skip: int):
+    def __init__(self, cfg: LoaderConfig, found: IndexedSet, batches: Iterable[tuple[int, PlannedStepBatch]],
+                 epoch: int):
         super().__init__()
-        self.cfg, self.epoch, self.skip = cfg, plan.epoch, skip
+        self.cfg, self.epoch = cfg, epoch
         self.groups: tuple[IndexedGroup, ...] = found.groups
-        # (step, clips planned elsewhere too, ((group, row, offset, length), …)) per batch of this rank
+        # (index, clips planned elsewhere too, ((group, row, offset, length), …)) per batch of this rank
         self.batches: list[tuple[int, bool, tuple[tuple[int, TableRow, int, int], ...]]] = [
-            (step, b.repeat, tuple((found.group_of[c.index], found.rows[c.index], c.offset, c.length)
-                                   for c in b.clips))
-            for step, b in plan.rank_batches(rank, start=skip)]
+            (index, b.repeat, tuple((found.group_of[c.index], found.rows[c.index], c.offset, c.length)
+                                    for c in b.clips))
+            for index, b in batches]
 
     def _load(self, readers: list[ShardReader], k: int, row: TableRow, offset: int, length: int) -> dict:
         cfg, group = self.cfg, self.groups[k]
@@ -477,7 +501,8 @@ class PlannedStream(IterableDataset):
 
 
 def epoch_plan(cfg: LoaderConfig, found: IndexedSet, epoch: int, world_size: int) -> EpochPlan:
-    """The global plan of an epoch of ``found`` with ``cfg``'s batching (the same on every rank).
+    """The global plan of a training epoch of ``found`` with ``cfg``'s batching (the same on
+    every rank).
 
     Raises:
         DataError: no clip kept (naming the filters), or fewer clips than ranks.
@@ -489,6 +514,20 @@ def epoch_plan(cfg: LoaderConfig, found: IndexedSet, epoch: int, world_size: int
                       max_seconds=cfg.max_seconds, max_batch_seconds=cfg.max_batch_seconds,
                       bucket_buffer=cfg.bucket_buffer, bucket_min_batches=cfg.bucket_min_batches,
                       sample_rate=cfg.sample_rate)
+
+
+def eval_plan(cfg: LoaderConfig, found: IndexedSet, rank: int, world_size: int) -> list[PlannedStepBatch]:
+    """Rank ``rank``'s evaluation batches of ``found``: every kept clip once, in table order,
+    cut to its first ``max_seconds``, bucketed by length under the cap (``bucket_by_length``, as
+    a stream would be), the batches dealt to the ranks in turn (rank ``r`` takes ``r::world_size``;
+    a rank may get one batch fewer than another, or none)."""
+    sr = cfg.sample_rate
+    keep = None if cfg.max_seconds is None else int(round(cfg.max_seconds * sr))
+    clips = [PlannedClip(i, 0, min(n, keep) if keep is not None else n)
+             for i, n in enumerate(int(round(d * sr)) for d in found.durations)]
+    cap = int(cfg.max_batch_seconds * sr)
+    batches = bucket_by_length(clips, lambda c: c.length, cap, cfg.bucket_buffer, cfg.bucket_min_batches * cap)
+    return [PlannedStepBatch(tuple(b)) for b in islice(batches, rank, None, world_size)]
 
 
 def _wanted(cfg: LoaderConfig) -> str:
@@ -524,13 +563,16 @@ def make_loader(cfg: LoaderConfig, *, epoch: int = 0, skip_batches: int = 0) -> 
     rank, world_size = resolve_rank(cfg)
     if skip_batches < 0:
         raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
-    found = indexed_set(shards, cfg.label_set, cfg.styles, cfg.require) if cfg.train else None
-    if found is not None:
+    found = indexed_set(shards, cfg.label_set, cfg.styles, cfg.require)
+    if found is not None and cfg.train:
         plan = epoch_plan(cfg, found, epoch, world_size)
         if plan.repeats and rank == 0:
             log.warning("epoch %d: %d clip(s) planned twice so that each of the %d ranks has a batch every step "
                         "(%d clips, %d steps)", epoch, plan.repeats, world_size, len(found), len(plan))
-        dataset: IterableDataset = PlannedStream(cfg, found, plan, rank, skip_batches)
+        dataset: IterableDataset = PlannedStream(cfg, found, plan.rank_batches(rank, start=skip_batches), epoch)
+    elif found is not None:
+        batches = list(enumerate(eval_plan(cfg, found, rank, world_size)))[skip_batches:]
+        dataset = PlannedStream(cfg, found, batches, epoch)
     else:
         if cfg.train and len(shards) < world_size:
             raise DataError(ranks_problem(cfg.shards, world_size, 0, "data.train") or

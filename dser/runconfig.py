@@ -57,7 +57,7 @@ class DataConfig:
     max_seconds: float = knob(6.0, "training clips are randomly cropped to at most this many seconds")
     eval_max_seconds: float = knob(30.0, "evaluation clips are cut to at most this many seconds")
     max_batch_seconds: float = knob(48.0, "cap on padded audio seconds per batch (batch size varies with length)")
-    shuffle_buffer: int = knob(500, "samples held for shuffling during training")
+    shuffle_buffer: int = knob(500, "samples held for shuffling during training on loose .tar files (indexed groups are shuffled whole by the global plan)")
     bucket_buffer: int = knob(200, "samples sorted by length together when forming batches")
     num_workers: int = knob(1, "data-loader worker processes per rank")
     rehearsal: RehearsalConfig = knob(factory=RehearsalConfig, help="stage 2: replay of source data against forgetting")

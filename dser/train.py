@@ -60,6 +60,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 
 from dser.config import ConfigError, to_dict
 from dser.data import DataError, LoaderConfig, TrainStream, make_loader
+from dser.indexed_set import indexed_set
 from dser.distributed import broadcast, dead_peers, gathered_call, init_process_group, rank0_print
 from dser.evaluate import evaluate_loader, format_metrics, write_json
 from dser.labels import LabelSet, get_label_set
@@ -675,12 +676,19 @@ class Recipe:
 
 
 def _class_weights(cfg: LoaderConfig, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights over the training set's labels (normalised to mean 1)."""
+    """Inverse-frequency weights over the training set's labels (normalised to mean 1): counted
+    from the shard tables when the set is indexed, else by reading it."""
     counts = torch.zeros(num_classes)
-    cfg = replace(cfg, rank=0, world_size=1, skip_damaged_shards=True)
-    for b in make_loader(cfg):
-        e = b["emotion"][b["emotion"] >= 0]
-        counts += torch.bincount(e, minlength=num_classes).float()
+    found = indexed_set(cfg.shards, cfg.label_set, cfg.styles, cfg.require)
+    if found is not None:
+        for row in found.rows:
+            k = cfg.label_set.index(row.emotion)
+            if k is not None:
+                counts[k] += 1
+    else:
+        for b in make_loader(replace(cfg, rank=0, world_size=1, skip_damaged_shards=True)):
+            e = b["emotion"][b["emotion"] >= 0]
+            counts += torch.bincount(e, minlength=num_classes).float()
     w = counts.sum() / counts.clamp(min=1) / num_classes
     return w / w.mean()
 

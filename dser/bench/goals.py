@@ -116,6 +116,11 @@ def _reader_rates(r: dict) -> str:
     return "" if None in (random_access, streaming) else f"({random_access:.0f}× vs {streaming:.0f}× real time)"
 
 
+def _loader_rates(r: dict) -> str:
+    planned, streaming = (value_at(r, f"loading.{k}.per_worker_x_realtime") for k in ("dser", "streaming"))
+    return "" if None in (planned, streaming) else f"({planned:.0f}× vs {streaming:.0f}× real time)"
+
+
 def _growth_per_rank(r: dict) -> str:
     growth = value_at(r, "soak.rss_growth_per_rank")
     if not growth:
@@ -141,6 +146,10 @@ GOALS: tuple[Goal, ...] = (
          detail=_checkpoint),
     Goal("loading.dser.per_worker_x_realtime", ">=", 500.0, "x", 0, "loader, x real time per worker",
          "loader, × real time per worker"),
+    Goal("loading.ratio_planned_to_streaming", ">=", 0.9, "x", 2,
+         "global plan vs streaming loader, per worker, warm cache",
+         "training loader: global plan + random access vs today's streaming, × real time per worker (warm cache)",
+         _loader_rates),
     Goal("loading.reader.ratio_random_to_streaming_warm", ">=", 0.9, "x", 2,
          "random access vs streaming reader, per worker, warm cache",
          "random access by table offsets vs streaming, × real time per worker (warm cache)",

@@ -1,6 +1,8 @@
-"""Section 2, loading: the streaming loader (decode FLAC, bucket, pad) in × real time per
+"""Section 2, loading: dser's training loader (plan, read, decode FLAC, pad) in × real time per
 worker, side by side with the same clips as WAV files through a plain torch Dataset +
-DataLoader (``baseline.WavDataset``: one file per clip, random batches padded to the longest).
+DataLoader (``baseline.WavDataset``: one file per clip, random batches padded to the longest),
+and with dser's own streaming path over the same shards named as loose tars (webdataset, the
+rank's tars front to back, the per-rank planner): what the global plan and random access cost.
 
 Beside it, how one worker reads a sample: webdataset's streaming reader (every shard front to
 back) against random access by the per-sample table's offsets (``dser.shard_reader``, the
@@ -25,6 +27,8 @@ from dser.bench.sizes import SAMPLE_RATE, BenchError, BenchSizes
 NAME = "loading"
 # The numbers this section writes that goals and readers refer to (dotted, from the results' top).
 MEASURES = ("loading.dser.per_worker_x_realtime", "loading.plain.per_worker_x_realtime",
+            "loading.streaming.per_worker_x_realtime", "loading.streaming.per_worker_x_realtime_2_workers",
+            "loading.ratio_planned_to_streaming", "loading.ratio_planned_to_streaming_2_workers",
             "loading.dser.per_worker_x_realtime_2_workers", "loading.dser.real_fraction",
             "loading.plain.real_fraction", "loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers",
             "loading.reader.streaming.warm_x_realtime", "loading.reader.random_access.warm_x_realtime",
@@ -33,7 +37,7 @@ MEASURES = ("loading.dser.per_worker_x_realtime", "loading.plain.per_worker_x_re
             "loading.reader.cold_resident_fraction")
 
 
-def _run_dser_loader(shards: Path, workers: int, passes: int) -> dict:
+def _run_dser_loader(shards: Path | str, workers: int, passes: int) -> dict:
     from dser.data import LoaderConfig, make_loader
 
     cfg = LoaderConfig(shards=[str(shards)], label_set="4class", require="emotion", max_seconds=None,
@@ -200,7 +204,9 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
 
     Whole clips (no crop) so every decoded second is delivered; 0 workers (all in this
     process: the per-worker rate) and 2 workers (per worker = total / 2), measured in
-    alternation after one warm-up pass of each (page cache).
+    alternation after one warm-up pass of each at each worker count (the page cache, and the
+    forkserver dser's workers start from, which the first loader with workers would otherwise
+    pay for).
 
     Returns:
         ``dser`` and ``plain``: ``workers{0,2}_x_realtime``, ``per_worker_x_realtime``,
@@ -209,21 +215,27 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
         streaming against random access per worker (``bench_reader``).
     """
     shards = train_shards(work, sizes)
+    # The same shards named as loose tars: no index, so the loader streams them (today's path).
+    loose = str(shards / "*" / "*.tar")
     manifest = bench_corpus(work, SAMPLE_RATE, sizes.shard_clips_16k)
     batch_size = 8  # the plain loader's clip count: 48 s (dser's batch cap) / 6 s (its crop)
-    _run_dser_loader(shards, 0, 1)
-    _run_plain_loader(manifest, 0, 1, batch_size)
-    result: dict = {"dser": {}, "plain": {}, "plain_batch_size": batch_size, "passes": sizes.loader_passes}
+    for workers in (0, 2):  # warm-up: the page cache, and the workers' forkserver (started once a process)
+        _run_dser_loader(shards, workers, 1)
+        _run_dser_loader(loose, workers, 1)
+        _run_plain_loader(manifest, workers, 1, batch_size)
+    result: dict = {"dser": {}, "streaming": {}, "plain": {}, "plain_batch_size": batch_size,
+                    "passes": sizes.loader_passes}
     for workers in (0, 2):
         d = _run_dser_loader(shards, workers, sizes.loader_passes)
+        st = _run_dser_loader(loose, workers, sizes.loader_passes)
         p = _run_plain_loader(manifest, workers, sizes.loader_passes, batch_size)
-        for name, r in (("dser", d), ("plain", p)):
+        for name, r in (("dser", d), ("streaming", st), ("plain", p)):
             rate = r["audio_seconds"] / r["wall_seconds"]
             result[name][f"workers{workers}_x_realtime"] = rate
             result[name]["real_fraction"] = r["real_fraction"]
             log(f"  {name:5s} loader, {workers} workers: {rate:.0f}x real time "
                 f"({r['batches']} batches, {100 * r['real_fraction']:.0f}% real audio)")
-    for name in ("dser", "plain"):
+    for name in ("dser", "streaming", "plain"):
         r = result[name]
         # 0 workers: decoding and batching in this one process, i.e. one worker's rate.
         r["per_worker_x_realtime"] = r["workers0_x_realtime"]
@@ -231,6 +243,10 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
     result["ratio_dser_to_plain"] = result["dser"]["workers0_x_realtime"] / result["plain"]["workers0_x_realtime"]
     result["ratio_dser_to_plain_2_workers"] = (result["dser"]["workers2_x_realtime"]
                                                / result["plain"]["workers2_x_realtime"])
+    result["ratio_planned_to_streaming"] = (result["dser"]["workers0_x_realtime"]
+                                            / result["streaming"]["workers0_x_realtime"])
+    result["ratio_planned_to_streaming_2_workers"] = (result["dser"]["workers2_x_realtime"]
+                                                      / result["streaming"]["workers2_x_realtime"])
     result["reader"] = bench_reader(shards, sizes.loader_passes, log)
     return result
 
@@ -240,9 +256,13 @@ def table(result: dict) -> list[str]:
     plain = f"plain WAV Dataset, {result['plain_batch_size']} clips"
     rows = [[name, f"{result[k]['workers0_x_realtime']:.0f}x", f"{result[k]['workers2_x_realtime']:.0f}x",
              f"{result[k]['per_worker_x_realtime']:.0f}x", pct(result[k]["real_fraction"])]
-            for name, k in (("dser shards", "dser"), (plain, "plain"))]
+            for name, k in (("dser: global plan, random access", "dser"),
+                            ("dser: loose tars, streaming", "streaming"), (plain, "plain")) if k in result]
     rows.append(["ratio dser / plain", f"{result['ratio_dser_to_plain']:.2f}x",
                  f"{result['ratio_dser_to_plain_2_workers']:.2f}x", "", ""])
+    if "ratio_planned_to_streaming" in result:
+        rows.append(["ratio global plan / streaming", f"{result['ratio_planned_to_streaming']:.2f}x",
+                     f"{result['ratio_planned_to_streaming_2_workers']:.2f}x", "", ""])
     lines = text_table("2. loading (decode + batch), x real time",
                        ["loader", "in-process", "2 workers", "per worker", "real audio"], rows)
     reader = result.get("reader")

@@ -40,8 +40,9 @@ BALANCE = ["step_balance", "busy_fraction", "real_fraction", "steps"]
 FIELDS = (
     ["seconds", "machine.cores", "machine.memory_bytes"]
     + [f"sharding.{rate}.{k}" for rate in ("16k", "48k") for k in SHARDING]
-    + [f"loading.{who}.{k}" for who in ("dser", "plain") for k in LOADER]
-    + ["loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers", "loading.plain_batch_size"]
+    + [f"loading.{who}.{k}" for who in ("dser", "streaming", "plain") for k in LOADER]
+    + ["loading.ratio_dser_to_plain", "loading.ratio_dser_to_plain_2_workers", "loading.plain_batch_size",
+       "loading.ratio_planned_to_streaming", "loading.ratio_planned_to_streaming_2_workers"]
     + [f"loading.reader.{who}.{cache}_x_realtime" for who in ("streaming", "random_access") for cache in ("warm", "cold")]
     + [f"loading.reader.{k}" for k in ("ratio_random_to_streaming_warm", "ratio_random_to_streaming_cold",
                                        "cold_resident_fraction", "samples", "audio_seconds")]

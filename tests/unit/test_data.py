@@ -649,7 +649,7 @@ def test_bucketing_keeps_real_audio_above_90_percent_on_iemocap_like_lengths(tra
 # ---- what is read is what the index lists ----------------------------------------------------
 
 def _eval_ids(shards, **kw) -> list[str]:
-    cfg = LoaderConfig(shards=shards, require=None, train=False, num_workers=0, **kw)
+    cfg = LoaderConfig(shards=shards, **{"require": None, "train": False, "num_workers": 0, **kw})
     return [u for b in read_all(cfg) for u in b["utt_id"]]
 
 
@@ -711,9 +711,11 @@ def test_old_format_shards_name_the_command_that_upgrades_them(tmp_path):
     assert "old format 'dser-shards/1'" in msg and f"dser shard testcorpus {tmp_path} {tmp_path} --overwrite" in msg
 
 
-def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path, caplog):
-    """Garbage of the listed size where a tar header should be reads as the archive's end: the
-    samples after it vanish unless counted against the index."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluation_stops_at_a_damaged_sample_naming_it(tmp_path, workers):
+    """Garbage of the listed size where a tar header should be read as the archive's end when
+    streaming: the samples after it vanished from a test set. Read by their table rows, the
+    damaged sample is an error naming the shard and the sample."""
     write_test_shards(tmp_path, 10, 1)
     shard = tmp_path / "fold0" / "fold0-000000.tar"
     data_ = bytearray(shard.read_bytes())
@@ -721,12 +723,11 @@ def test_evaluation_says_when_a_group_yields_fewer_samples_than_listed(tmp_path,
     cut = members[6].flac[0]  # the header of the 7th sample
     data_[cut:cut + 512] = b"\xff" * 512
     shard.write_bytes(bytes(data_))
-    with caplog.at_level("WARNING", logger="dser.data"):
-        ids = _eval_ids([str(tmp_path / "fold0")])
-    assert len(ids) == 6
-    (line,) = [r.getMessage() for r in caplog.records if "samples its index lists" in r.getMessage()]
-    assert line.startswith(f"{tmp_path}/fold0: epoch 0 read 6 of the 10 samples its index lists (0 unreadable")
-    assert "4 never seen" in line
+    with pytest.raises(DataError) as e:
+        _eval_ids([str(tmp_path / "fold0")], num_workers=workers)
+    msg = str(e.value)
+    assert msg.startswith(f"{shard}: sample '{members[6].key}': its flac member at") and "\n" not in msg
+    assert f"dser verify {tmp_path}" in msg
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])

@@ -379,3 +379,14 @@ def test_ia3_trains_in_stage_1_and_a_fresh_set_over_it_in_stage_2(process_group,
     assert all(torch.equal(vectors[n], p) for n, p in trained.items())  # frozen: as stage 1 left them
     fresh = [p for n, p in vectors.items() if n.startswith("ia3_vectors.stage2.")]
     assert len(fresh) == 6 and all(not torch.equal(p, torch.ones_like(p)) for p in fresh)
+
+
+def test_class_weights_from_the_tables_equal_those_from_reading_the_clips(tmp_path):
+    from dser.data import LoaderConfig
+
+    write_test_shards(tmp_path, 30, 2)
+    indexed = LoaderConfig(shards=[str(tmp_path)], label_set="4class", train=False, num_workers=0)
+    loose = LoaderConfig(shards=[str(tmp_path / "fold0" / "*.tar")], label_set="4class", train=False, num_workers=0)
+    from_tables = train._class_weights(indexed, 4)
+    torch.testing.assert_close(from_tables, train._class_weights(loose, 4))
+    assert len(set(from_tables.tolist())) > 1  # the classes are not balanced: the weights differ
