@@ -1,11 +1,12 @@
 """The global epoch plan: every rank computes the same plan of an epoch's training batches from
 the training set's per-sample durations, then reads only the batches the plan gives it.
 
-Today's loader plans per rank, on the shards it was dealt (``dser.planning`` over
-``ShardStream``); ranks then wait at every step for the one with the most padded audio, and a
+Planned per rank, on the shards each was dealt (``dser.planning`` over ``ShardStream``, what
+loose tars still get), ranks wait at every step for the one with the most padded audio, and a
 set with fewer shards than ranks cannot be trained on. Here the whole set is planned at once,
 from the durations in the shard index's per-sample table (``TableRow.duration``), so any number
-of ranks works on any number of shards::
+of ranks works on any number of shards. ``dser.data.make_loader`` plans every training epoch of
+indexed groups this way (``dser.indexed_set`` gives it the rows)::
 
     durations (the set's table, sample i = the set's i-th row)
         │  permutation by (seed, epoch); crop length min(duration, max_seconds) per clip

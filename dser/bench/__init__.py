@@ -17,7 +17,7 @@ lengths: log-normal, median 3.5 s, mean ≈ 4.5 s, 0.6–30 s). One file each::
                   DataLoader over WAV files, one process) on the same model, data and steps
     soak.py       resident memory of each rank over a long tiny-model run: growth after warm-up
     balance.py    how evenly a step's ranks are loaded (mean / max padded seconds) at 2, 4 and 8
-                  simulated ranks: today's per-rank planner against the global epoch plan
+                  simulated ranks: the per-rank planner (dser's before the global plan; loose tars' still) against the global epoch plan
 
 and the parts they share::
 

@@ -1,5 +1,6 @@
-"""Section 7, balance: how evenly a step's ranks are loaded, today's per-rank planner side by side
-with the global epoch plan (``dser.global_plan``), at 2, 4 and 8 simulated ranks, on
+"""Section 7, balance: how evenly a step's ranks are loaded, the per-rank planner (dser's before
+the global plan, and still what loose tars get) side by side with the global epoch plan
+(``dser.global_plan``), at 2, 4 and 8 simulated ranks, on
 IEMOCAP-like lengths (20 000 in a full run), for two batchings: the IEMOCAP recipe's
 (``dser/configs/iemocap_loso.yaml``: 15 s crops, 160 s per batch) and the run config's defaults
 (``dser.runconfig.DataConfig``: 6 s, 48 s).
@@ -12,7 +13,7 @@ largest batch).
 
 The per-rank planner is the loader's own ``ShardStream.plan``, run once per simulated rank on
 stub shards (JSON durations, a one-byte FLAC) of 250 clips each, so every rank count gets the
-same number of shards per rank, as today's loader splits them: rank ``r`` of ``W`` plans the
+same number of shards per rank, as the streaming loader splits them: rank ``r`` of ``W`` plans the
 shards ``r::W`` of the epoch's shard order. Step ``k`` pairs every rank's ``k``-th batch, up to
 the rank with the fewest batches. The global plan is planned from the same durations. Also
 written: the real (non-padded) share of each planner's batches, the global plan's repeats, and

@@ -132,7 +132,7 @@ def _growth_per_rank(r: dict) -> str:
 
 def _per_rank_balance(r: dict) -> str:
     old = value_at(r, "balance.recipe.per_rank.ranks_8.step_balance")
-    return "" if old is None else f"(today's per-rank planning {100 * old:.1f} %)"
+    return "" if old is None else f"(per-rank planning, as before: {100 * old:.1f} %)"
 
 
 GOALS: tuple[Goal, ...] = (
@@ -148,7 +148,7 @@ GOALS: tuple[Goal, ...] = (
          "loader, × real time per worker"),
     Goal("loading.ratio_planned_to_streaming", ">=", 0.9, "x", 2,
          "global plan vs streaming loader, per worker, warm cache",
-         "training loader: global plan + random access vs today's streaming, × real time per worker (warm cache)",
+         "training loader: global plan + random access vs streaming (the loader before), × real time per worker (warm cache)",
          _loader_rates),
     Goal("loading.reader.ratio_random_to_streaming_warm", ">=", 0.9, "x", 2,
          "random access vs streaming reader, per worker, warm cache",

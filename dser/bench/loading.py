@@ -215,7 +215,7 @@ def bench_loading(work: Path, sizes: BenchSizes, log: Callable[[str], None]) -> 
         streaming against random access per worker (``bench_reader``).
     """
     shards = train_shards(work, sizes)
-    # The same shards named as loose tars: no index, so the loader streams them (today's path).
+    # The same shards named as loose tars: no index, so the loader streams them (its path before the global plan).
     loose = str(shards / "*" / "*.tar")
     manifest = bench_corpus(work, SAMPLE_RATE, sizes.shard_clips_16k)
     batch_size = 8  # the plain loader's clip count: 48 s (dser's batch cap) / 6 s (its crop)
