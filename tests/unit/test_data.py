@@ -207,6 +207,12 @@ def test_resume_at_batch_n_continues_the_uninterrupted_sequence(tmp_path):
         assert signature(read_all(cfg, epoch=3, skip_batches=n)) == full[n:], f"resumed at {n}"
     # …also with another number of workers than the interrupted run had.
     assert signature(read_all(replace(cfg, num_workers=3), epoch=3, skip_batches=5)) == full[5:]
+    # …and for any rank of several: each resumes its own batches.
+    ranks = [replace(cfg, rank=r, world_size=3) for r in range(3)]
+    per_rank = [signature(read_all(c, epoch=3)) for c in ranks]
+    assert len({len(p) for p in per_rank}) == 1
+    for c, p in zip(ranks, per_rank):
+        assert signature(read_all(replace(c, num_workers=1), epoch=3, skip_batches=2)) == p[2:]
 
 
 def test_skipped_batches_are_not_decoded(tmp_path, monkeypatch):
