@@ -608,10 +608,16 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            fresh = self.batches_done == 0
+            fresh, clips = self.batches_done == 0, 0
             for batch in make_loader(self.cfg, epoch=self.epoch, skip_batches=self.batches_done):
                 self.batches_done += 1
+                clips += len(batch["utt_id"])
                 yield batch
+            if fresh and self.batches_done and not clips:  # else the stream would go round for ever
+                rank, world = resolve_rank(self.cfg)
+                raise DataError(f"rank {rank} of {world}: every clip of its {self.batches_done} batches of epoch "
+                                f"{self.epoch} from {self.cfg.shards} was corrupt (see the warnings above); run "
+                                f"`dser verify` on the shards")
             if fresh and self.batches_done == 0:
                 rank, world = resolve_rank(self.cfg)
                 raise DataError(f"rank {rank} of {world} got no training clips from {self.cfg.shards} in "

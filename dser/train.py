@@ -330,10 +330,14 @@ class Recipe:
             fit_cfg = replace(self.loader_cfg(cfg.data.train, train=False), rank=0, world_size=1, num_workers=0,
                               skip_damaged_shards=True)
             batches = []
-            for i, b in enumerate(make_loader(fit_cfg)):
-                batches.append((b["audio"], b["attention_mask"]))
-                if i >= 15:
+            for b in make_loader(fit_cfg):
+                if b["utt_id"]:  # a batch whose clips were all corrupt is empty
+                    batches.append((b["audio"], b["attention_mask"]))
+                if len(batches) >= 16:
                     break
+            if not batches:
+                raise RecipeError(f"config.data.train: no readable clip to fit the backbone's feature statistics "
+                                  f"on (every clip read was corrupt); run `dser verify` on {cfg.data.train}")
             model.backbone.fit_feature_stats(batches)
         model.log_summary(print_fn=rank0_print)
         self.params = model.parameter_counts()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 import pytest
 from fixtures_shards import write_demo_shards
 
+from dser.schema import ShardIndex
 from slurm_cluster import FINAL_STATES, slurm  # noqa: F401  (the session fixture: a started cluster)
 
 pytestmark = pytest.mark.integration
@@ -274,10 +276,20 @@ def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, w
 
 def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     env = job_env(slurm, workdir)
-    # One training shard for two ranks: the run starts (its directory exists) and fails on its
-    # first batch. (A missing shard group would fail before any run directory is made.)
-    one_shard = sorted((demo_shards / "demo-acted" / "train").glob("*.tar"))[0]
-    sets = [a for o in [*SHORT, f"data.train=[{one_shard}]"] for a in ("--set", o)]
+    # A training group whose clips are all damaged but for its first shard's, and no damaged
+    # clip allowed: the run starts (its directory exists) and fails on its first batches.
+    # (A missing shard group, or too few clips for the ranks, fails before any run directory is made.)
+    damaged = workdir / "shards-damaged" / "demo-acted"
+    if not damaged.is_dir():
+        shutil.copytree(demo_shards / "demo-acted", damaged)
+        for row in ShardIndex.load(damaged).table("train"):
+            if not row.shard.endswith("-000000.tar"):
+                with open(damaged / "train" / row.shard, "r+b") as f:  # the FLAC's "fLaC" marker, same size
+                    f.seek(row.flac[0])
+                    at = f.read(row.flac[1]).index(b"fLaC")
+                    f.seek(row.flac[0] + at)
+                    f.write(b"XXXX")
+    sets = [a for o in [*SHORT, f"data.train=[{damaged / 'train'}]", "train.max_bad_samples=0"] for a in ("--set", o)]
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--runs-dir", "runs",
              "--name", "broken", *sets, "--wait", "--poll", "1", cwd=workdir, env=env)
@@ -286,7 +298,7 @@ def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     s1, s2 = slurm.job(ids["stage 1"]), slurm.job(ids["stage 2"])
     assert s1["JobState"] == "FAILED"
     (log1,) = (workdir / "logs").glob(f"*-{ids['stage 1']}.out")
-    assert "1 training shard(s)" in log1.read_text()
+    assert "more than train.max_bad_samples=0" in log1.read_text()
     assert s2["JobState"] == "CANCELLED" and "can never start" in r.stdout
     assert not (workdir / "runs" / "broken" / "stage2").exists()
     assert not list((workdir / "logs").glob(f"*-{ids['stage 2']}.out"))

@@ -286,6 +286,13 @@ def test_train_stream_mixes_rehearsal_at_its_share_and_resumes_exactly(tmp_path)
         assert signature([again.next() for _ in range(29 - k)]) == signature(taken[k + 1:]), f"after batch {k}"
 
 
+def test_a_stream_whose_every_clip_is_corrupt_stops_instead_of_going_round(tmp_path):
+    write_test_shards(tmp_path, 6, 1, durations=(0.5, 0.5), corrupt=set(range(6)))
+    cfg = LoaderConfig(shards=[str(tmp_path)], require=None, max_batch_seconds=1.0, num_workers=0)
+    with pytest.raises(DataError, match=r"rank 0 of 1: every clip of its \d+ batches of epoch 0 .* was corrupt"):
+        TrainStream(cfg).next()
+
+
 def test_train_stream_never_returns_an_empty_batch_and_keeps_the_bad_samples(tmp_path):
     write_test_shards(tmp_path, 12, 2, durations=(0.5, 0.5), corrupt={0, 1, 2, 3, 4, 5})
     cfg = LoaderConfig(shards=[str(tmp_path)], require=None, train=False, max_batch_seconds=1.0,
