@@ -109,10 +109,12 @@ class LauncherOutput:
         self.pipe = pipe
         self.out = out or sys.stdout
         self.exits: list[tuple[int | None, int]] = []  # (rank, status) of failed ranks, as the launcher saw them
+        self.mid_line = False  # the last text copied did not end its line
         self.thread = threading.Thread(target=self._copy, name="launcher-output", daemon=True)
         self.thread.start()
 
     def _write(self, data: bytes) -> None:
+        self.mid_line = not data.endswith((b"\n", b"\r"))
         buffer = getattr(self.out, "buffer", None)
         if buffer is not None:
             buffer.write(data)
@@ -165,7 +167,7 @@ class LauncherOutput:
             return None
         rank, status = failed[0]
         who = f"rank {rank}" if rank is not None else "a rank"
-        return f"dser: {who} exited with status {status}; the DeepSpeed launcher ended the other ranks"
+        return ("\n" if self.mid_line else "") + f"dser: {who} exited with status {status}; the DeepSpeed launcher ended the other ranks"
 
 
 def launch_training(train_args: list[str], ranks: int | None = None, master_port: int | None = None,
