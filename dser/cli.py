@@ -340,7 +340,9 @@ def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_
     """Submit stage 1 and the dependent stage 2 (or a whole grid) to Slurm with sbatch.
 
     This is dser's one Slurm planner: slurm/cross_corpus.sh calls it. Resources not given
-    are the job scripts' #SBATCH defaults (in brackets).
+    are the job scripts' #SBATCH defaults (in brackets). Every run is checked first, as far as
+    files tell (shard groups, label sets, the backbone, the ranks the options ask for): each
+    problem is one line and the exit status 2, and nothing is queued.
     """
     import shlex
 
@@ -464,8 +466,8 @@ def grid_shard(grid_file, task, workers, overwrite, synth_args):
 def grid(grid_file, query, null):
     """Check GRID_FILE (YAML, like slurm/grid.yaml) and print what it holds, or one QUERY's values.
 
-    Without QUERY it checks the grid and both stage configs of every run (as dser submit does)
-    and prints the corpora and runs. With one, it prints that query's values, one per line:
+    Without QUERY it checks the grid and every run (as dser submit does: the configs, the shard
+    groups that exist, label sets, the backbone; no torch) and prints the corpora and runs. With one, it prints that query's values, one per line:
     name, corpora, sources, targets, set, stage1_config, stage2_config; corpus NAME FIELD
     (FIELD: reader, root, train, valid, test, shard: its dser shard arguments); sets SOURCE
     [TARGET]: the --set values of stage 1 on SOURCE, or of stage 2 from SOURCE onto TARGET.

@@ -8,13 +8,18 @@ given: the scripts' ``#SBATCH`` defaults):
     dser-s2-…      slurm/stage2.sh RUN_DIR CONFIG STAGE1_RUN_DIR --set …   --dependency=afterok:<stage 1>
 
 submits them with ``sbatch`` in that order, and prints each job's id, run directory and log.
-Configs are resolved (and so checked) before anything is queued. ``--dry-run`` prints the
-sbatch commands instead, as a shell script that would submit the same jobs.
+Configs are resolved (their keys checked) by ``plan_jobs``, and ``check_plan`` checks every run
+as far as files tell before anything is queued (``dser.startup.check_planned_run``: shard groups
+that exist, label sets, the backbone, stage 2 against its stage-1 config, the ranks the options
+ask for), each problem one line. ``--dry-run`` prints the sbatch commands instead, as a shell
+script that would submit the same jobs.
 
 Usage::
 
+    resources = Resources(gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1)
     jobs = plan_jobs(Path("dser/configs/demo_stage1.yaml"), Path("dser/configs/demo_stage2.yaml"),
-                     resources=Resources(gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1))
+                     resources=resources)
+    notes = check_plan(jobs, resources)      # raises ConfigProblems, one line each
     print(format_dry_run(jobs))              # or:
     ids = submit_jobs(jobs)                  # job key -> Slurm job id
     print(format_submitted(jobs, ids))
