@@ -37,7 +37,7 @@ import yaml
 
 from dser.config import ConfigError, from_dict
 from dser.labels import get_label_set
-from dser.model.backbone_names import backbone_problem, uncached_hub_id
+from dser.model.backbone_names import TINY_PRESET_NAMES, backbone_problem, is_local_path, uncached_hub_id
 from dser.precision import Precision, PrecisionError, check_device
 from dser.rundir import RunDir, RunDirError
 from dser.runconfig import (REQUIRE, RunConfig, check_schedule, ds_file_precision, recorded_precision,
@@ -324,8 +324,6 @@ def _deepspeed_problems(cfg: RunConfig, recorded: Precision | None) -> list[str]
 def _named_by_files(name: str) -> bool:
     """A backbone that ``backbone_problem`` judges whole: a preset, ``random:``, a directory
     (a hub id needs transformers, which asks its cache or the hub)."""
-    from dser.model.backbone_names import TINY_PRESET_NAMES, is_local_path
-
     return name in TINY_PRESET_NAMES or name.startswith("random:") or is_local_path(name)
 
 
@@ -340,6 +338,7 @@ def _stage2_head_problems(cfg: RunConfig, trained: dict | None, where: str) -> l
 
 
 def _is_pending(spec: str | Path, pending: Sequence[str | Path]) -> bool:
+    """Whether a shard spec lies under one of the directories a job before the run writes."""
     where = os.path.abspath(os.path.expanduser(str(spec)))
     return any(where == p or where.startswith(p.rstrip(os.sep) + os.sep)
                for p in (os.path.abspath(str(d)) for d in pending))

@@ -187,6 +187,14 @@ def test_dser_demo_refuses_a_mistyped_key_before_making_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no corpus synthesized, no shards, no run
 
 
+def test_dser_demo_checks_both_stages_before_it_launches_the_first(tmp_path):
+    r = dser(tmp_path, "demo", "--utterances", "40", "--set", "model.backbone.name=./models/wavlm")
+    assert r.returncode == 2 and (tmp_path / "shards" / "demo-acted" / "index.json").is_file(), r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("dser demo")] == [
+        f"dser demo: error: stage {s}: {NO_MODEL}" for s in (1, 2)]
+    assert "+ " not in r.stdout and "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # the rules
 # ------------------------------------------------------------------------------------------
