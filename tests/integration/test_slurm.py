@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_shards import write_demo_shards
+from fixtures_shards import write_demo_shards, write_test_shards
 
 from slurm_cluster import FINAL_STATES, slurm  # noqa: F401  (the session fixture: a started cluster)
 
@@ -274,10 +274,12 @@ def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, w
 
 def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     env = job_env(slurm, workdir)
-    # One training shard for two ranks: the run starts (its directory exists) and fails on its
-    # first batch. (A missing shard group would fail before any run directory is made.)
-    one_shard = sorted((demo_shards / "demo-acted" / "train").glob("*.tar"))[0]
-    sets = [a for o in [*SHORT, f"data.train=[{one_shard}]"] for a in ("--set", o)]
+    # Training clips that are not FLAC, and no bad sample allowed: the run starts (its directory
+    # exists) and fails on its first batch. (What files tell, dser submit checks: a missing shard
+    # group, or one shard for two ranks, would never be queued.)
+    write_test_shards(workdir / "shards" / "corrupt", 16, 2, group="train", corrupt={3, 11})
+    sets = [a for o in [*SHORT, f"data.train=[{workdir / 'shards' / 'corrupt' / 'train'}]",
+                        "train.max_bad_samples=0"] for a in ("--set", o)]
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--runs-dir", "runs",
              "--name", "broken", *sets, "--wait", "--poll", "1", cwd=workdir, env=env)
@@ -286,7 +288,7 @@ def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     s1, s2 = slurm.job(ids["stage 1"]), slurm.job(ids["stage 2"])
     assert s1["JobState"] == "FAILED"
     (log1,) = (workdir / "logs").glob(f"*-{ids['stage 1']}.out")
-    assert "1 training shard(s)" in log1.read_text()
+    assert "corrupt training samples skipped, more than train.max_bad_samples=0" in log1.read_text()
     assert s2["JobState"] == "CANCELLED" and "can never start" in r.stdout
     assert not (workdir / "runs" / "broken" / "stage2").exists()
     assert not list((workdir / "logs").glob(f"*-{ids['stage 2']}.out"))
@@ -319,7 +321,7 @@ def test_a_rank_that_cannot_start_fails_the_job_at_once(slurm, workdir, demo_sha
     assert slurm.job(ids["stage 2"])["JobState"] == "CANCELLED"
 
 
-def test_sbatch_refusal_is_one_line_naming_the_job(slurm, workdir):
+def test_sbatch_refusal_is_one_line_naming_the_job(slurm, workdir, demo_shards):  # the shards submit checks
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--partition", "no-such-partition",
              "--runs-dir", "runs", "--name", "refused", cwd=workdir, env=job_env(slurm, workdir))
