@@ -18,10 +18,15 @@ pytestmark = pytest.mark.integration
 
 RANK_SCRIPT = """
 import os, sys, time
+from pathlib import Path
 rank = int(os.environ["RANK"])
+if rank == 1:  # after rank 0's line: the ranks share the launcher's stdout
+    while not Path("rank0-said").exists():
+        time.sleep(0.05)
 print(f"rank {rank}: a line", flush=True)
+if rank == 0:
+    Path("rank0-said").touch()
 if rank == 1:
-    time.sleep(0.5)  # after rank 0's lines
     sys.stdout.write("[rank 1: a line begun"); sys.stdout.flush(); time.sleep(0.3)
     sys.stdout.write(" and ended]\\n"); sys.stdout.flush()
     sys.stdout.write("step 1/2\\rstep 2/2\\r"); sys.stdout.flush()
