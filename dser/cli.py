@@ -105,6 +105,10 @@ def synth(out, style, utterances, speakers, seed, sample_rate, overwrite):
     click.echo(f"wrote {manifest}")
 
 
+VERBOSE_HELP = ("Show DeepSpeed's own INFO lines, the launcher's and the ranks' (by default only its warnings and "
+                "errors, and one line when a rank fails).")
+
+
 @main.command()
 @click.option("--stage", type=click.Choice(["1", "2"]), help="1: acted source data, 2: adapt to natural data.")
 @click.option("--config", type=click.Path(path_type=Path), help="Run config YAML (default: the stage's demo config).")
@@ -112,12 +116,16 @@ def synth(out, style, utterances, speakers, seed, sample_rate, overwrite):
 @click.option("--init-from", type=click.Path(path_type=Path), help="Stage 2: the stage-1 run directory.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Exact run directory.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue this run from its latest checkpoint.")
-@click.option("--ranks", type=int, help="Processes on this node (default: GPUs, or 1 on CPU).")
+@click.option("--ranks", type=click.IntRange(min=1), help="Processes on this node (default: GPUs, or 1 on CPU).")
 @click.option("--master-port", type=int, help="Rendezvous port (default: a free one).")
-def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_port):
-    """Train a stage through the DeepSpeed launcher (deepspeed dser/train.py …)."""
-    from dser.launch import launch_training
+@click.option("--verbose", is_flag=True, help=VERBOSE_HELP)
+def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_port, verbose):
+    """Train a stage through the DeepSpeed launcher (deepspeed dser/train.py …).
 
+    The whole config is checked here first (keys, schedule, shard groups and label sets, the
+    backbone, the precision, the ranks against the data): each problem is one line and the exit
+    status 2, before the launcher starts.
+    """
     if not stage and not resume:
         raise UserError("give --stage 1|2 (or --resume RUN_DIR)")
     args = []
@@ -130,32 +138,44 @@ def train(stage, config, overrides, init_from, run_dir, resume, ranks, master_po
     for flag, value in (("--init-from", init_from), ("--run-dir", run_dir), ("--resume", resume)):
         if value:
             args += [flag, str(value)]
-    # The recipe's own checks, here first: a bad config or path is one line, not the launcher's
-    # start-up and teardown around it. The ranks check again (nothing changes in between here).
+    if verbose:
+        args.append("--verbose")
+    # The recipe's own checks, here first: a bad config or path is its lines, not the launcher's
+    # start-up and teardown around them. The ranks check again (nothing changes in between here).
+    # Nothing imports torch until the config has parsed, so a mistyped key is reported at once.
     from dser.config import ConfigError
-    from dser.startup import RecipeError, check_config
-    from dser.train import parse_args
+    from dser.launch import default_ranks
+    from dser.startup import RecipeError, check_config, error_lines, parse_args
 
     try:
-        check_config(parse_args(args))
+        check_config(parse_args(args), world_size=ranks or default_ranks)
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
-        click.echo(f"dser train: error: {e}", err=True)
+        for line in error_lines(e):
+            click.echo(f"dser train: error: {line}", err=True)
         sys.exit(2)
-    sys.exit(launch_training(args, ranks=ranks, master_port=master_port))
+    from dser.launch import launch_training
+
+    sys.exit(launch_training(args, ranks=ranks, master_port=master_port, verbose=verbose))
 
 
 @main.command()
-@click.option("--ranks", default=2, show_default=True, help="CPU ranks (or GPUs) for the DeepSpeed launcher.")
+@click.option("--ranks", default=2, show_default=True, type=click.IntRange(min=1),
+              help="CPU ranks (or GPUs) for the DeepSpeed launcher.")
 @click.option("--fresh", is_flag=True, help="Regenerate the demo corpora and shards.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of both demo configs.")
 @click.option("--utterances", type=click.IntRange(min=40), default=None,
               help="Clips per demo corpus when they are made (the first time, or with --fresh); default 800, "
                    "at least 40 (4 emotions x 10 speakers). Fewer: a quicker, noisier demo.")
-def demo(ranks, fresh, overrides, utterances):
-    """The main job: synthesize + shard the demo corpora, stage 1 (acted) then stage 2 (natural)."""
+@click.option("--verbose", is_flag=True, help=VERBOSE_HELP)
+def demo(ranks, fresh, overrides, utterances, verbose):
+    """The main job: synthesize + shard the demo corpora, stage 1 (acted) then stage 2 (natural).
+
+    Both stages' configs are checked before anything is made (their keys) and before stage 1
+    starts (all of it): each problem is one line and the exit status 2.
+    """
     from dser.demo import run_demo
 
-    sys.exit(run_demo(ranks=ranks, fresh=fresh, overrides=list(overrides), utterances=utterances))
+    sys.exit(run_demo(ranks=ranks, fresh=fresh, overrides=list(overrides), utterances=utterances, verbose=verbose))
 
 
 @main.command()
@@ -320,7 +340,9 @@ def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_
     """Submit stage 1 and the dependent stage 2 (or a whole grid) to Slurm with sbatch.
 
     This is dser's one Slurm planner: slurm/cross_corpus.sh calls it. Resources not given
-    are the job scripts' #SBATCH defaults (in brackets).
+    are the job scripts' #SBATCH defaults (in brackets). Every run is checked first, as far as
+    files tell (shard groups, label sets, the backbone, the ranks the options ask for): each
+    problem is one line and the exit status 2, and nothing is queued.
     """
     import shlex
 
@@ -341,6 +363,7 @@ def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_
                               shard_extra=options("--shard-sbatch", shard_sbatch))
         jobs = plan_jobs(stage1_config, stage2_config, grid=load_grid(grid) if grid else None,
                          resources=resources, overrides=list(overrides), runs_dir=runs_dir, name=name)
+        _check_plan(jobs, resources)
         if dry_run:
             click.echo(format_dry_run(jobs))
             return
@@ -354,6 +377,22 @@ def submit(stage1_config, stage2_config, grid, nodes, gpus_per_node, ntasks_per_
     click.echo(f"dser: submitted {len(jobs)} jobs; afterwards: dser report {runs}")
     if wait:
         sys.exit(_wait_for_submitted(jobs, ids, poll, runs if grid else None))
+
+
+def _check_plan(jobs, resources=None) -> None:
+    """``dser.submit.check_plan``: its warnings and notes on stderr; its problems one line each
+    on stderr and exit 2."""
+    from dser.startup import ConfigProblems
+    from dser.submit import check_plan
+
+    try:
+        notes = check_plan(jobs, resources)
+    except ConfigProblems as e:
+        for line in e.lines():
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(2)
+    for line in notes:
+        click.echo(line, err=True)
 
 
 def _wait_for_submitted(jobs, ids, poll, report_dir) -> int:
@@ -427,8 +466,8 @@ def grid_shard(grid_file, task, workers, overwrite, synth_args):
 def grid(grid_file, query, null):
     """Check GRID_FILE (YAML, like slurm/grid.yaml) and print what it holds, or one QUERY's values.
 
-    Without QUERY it checks the grid and both stage configs of every run (as dser submit does)
-    and prints the corpora and runs. With one, it prints that query's values, one per line:
+    Without QUERY it checks the grid and every run (as dser submit does: the configs, the shard
+    groups that exist, label sets, the backbone; no torch) and prints the corpora and runs. With one, it prints that query's values, one per line:
     name, corpora, sources, targets, set, stage1_config, stage2_config; corpus NAME FIELD
     (FIELD: reader, root, train, valid, test, shard: its dser shard arguments); sets SOURCE
     [TARGET]: the --set values of stage 1 on SOURCE, or of stage 2 from SOURCE onto TARGET.
@@ -452,6 +491,7 @@ def grid(grid_file, query, null):
             raise UserError(f"{g.path}: {e}") from e
     except GridError as e:
         raise UserError(str(e)) from e
+    _check_plan(jobs)
     click.echo(format_grid(g))
     click.echo(f"checked: the grid and the config of each of its {sum(j.script.name != 'shard.sh' for j in jobs)} "
                f"runs")

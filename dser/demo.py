@@ -4,6 +4,12 @@ Synthesizes an acted and a natural demo corpus, shards them, trains stage 1 on a
 and stage 2 on natural speech through the real DeepSpeed launcher (2 CPU ranks by default),
 then prints UA on both test sets after each stage and where the logs and exports went.
 
+Both configs (with ``--set``) are checked as ``dser train`` checks one, before anything is made
+or launched: their keys before the corpora are synthesized; stage 1 whole
+(``startup.check_config``) and stage 2 as far as it can be without its stage-1 run
+(``startup.check_planned_run``) before stage 1 starts; stage 2 whole before it starts. Each
+problem is one line (``dser demo: error: stage N: …``) and the exit status 2.
+
 Paths (relative to the working directory, as the demo run configs expect them)::
 
     data/demo/{acted,natural}/      generated WAVs + manifest.jsonl
@@ -14,12 +20,15 @@ Paths (relative to the working directory, as the demo run configs expect them)::
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from dser.config import ConfigError
 from dser.corpora import read_corpus
 from dser.corpora.synthetic import synthesize
 from dser.launch import launch_training
-from dser.runconfig import default_config_path
+from dser.runconfig import default_config_path, resolve_config
+from dser.startup import ConfigProblems, RecipeError, check_config, check_planned_run, parse_args
 from dser.schema import FORMAT, INDEX_NAME, read_index_json
 from dser.shards import build_shards
 
@@ -61,7 +70,8 @@ def _latest_metrics(runs_dir: Path, name: str) -> dict:
     return json.loads(runs[-1].read_text())
 
 
-def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = (), utterances: int | None = None) -> int:
+def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = (), utterances: int | None = None,
+             verbose: bool = False) -> int:
     """The whole demo; returns a process exit status.
 
     Args:
@@ -69,12 +79,38 @@ def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = (), utt
         fresh: regenerate the demo corpora and shards.
         overrides: ``KEY=VALUE`` overrides of both stage configs.
         utterances: clips per corpus when they are made (default: ``DEMO_SIZES``').
+        verbose: DeepSpeed's own INFO lines too (``dser train --verbose``).
     """
-    prepare_demo_shards(fresh=fresh, utterances=utterances)
     sets = [f"--set={o}" for o in overrides]
+    stage_args = {stage: ["--stage", str(stage), "--config", str(default_config_path(stage)), *sets,
+                          *(["--verbose"] if verbose else [])] for stage in (1, 2)}
+    problems = []
+    configs = {}
+    for stage in (1, 2):  # a mistyped key, before minutes of synthesis
+        try:
+            configs[stage] = resolve_config(default_config_path(stage), list(overrides), stage)
+        except (ConfigError, ValueError) as e:
+            problems.append(f"stage {stage}: {e}")
+    if problems:
+        return _refuse(problems)
+    prepare_demo_shards(fresh=fresh, utterances=utterances)
+    try:
+        check_config(parse_args(stage_args[1]), world_size=ranks)
+    except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+        problems += [f"stage 1: {line}" for line in _problems(e)]
+    try:
+        check_planned_run(configs[2], 2, stage1=configs[1], world_size=ranks)
+    except RecipeError as e:
+        problems += [f"stage 2: {line}" for line in _problems(e)]
+    if problems:
+        return _refuse(problems)
     for stage in (1, 2):
-        rc = launch_training(["--stage", str(stage), "--config", str(default_config_path(stage)), *sets],
-                             ranks=ranks)
+        if stage == 2:  # now with its stage-1 run
+            try:
+                check_config(parse_args(stage_args[2]), world_size=ranks)
+            except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
+                return _refuse([f"stage 2: {line}" for line in _problems(e)])
+        rc = launch_training(stage_args[stage], ranks=ranks, verbose=verbose)
         if rc != 0:
             how = "stopped before its end" if rc == 75 or rc > 128 else "failed"
             print(f"dser demo: stage {stage} {how} (exit {rc})")
@@ -90,3 +126,14 @@ def run_demo(ranks: int = 2, fresh: bool = False, overrides: list[str] = (), utt
         run = Path(m["run_dir"])
         print(f"{label}: tensorboard --logdir {run / 'tensorboard'}   export: {run / 'export'}")
     return 0
+
+
+def _problems(e: Exception) -> list[str]:
+    return e.problems if isinstance(e, ConfigProblems) else [str(e)]
+
+
+def _refuse(problems: list[str]) -> int:
+    """Print a check's problems, one line each (a few at most), and return the exit status 2."""
+    for line in ConfigProblems(problems).lines():
+        print(f"dser demo: error: {line}", file=sys.stderr, flush=True)
+    return 2

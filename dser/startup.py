@@ -1,41 +1,97 @@
 """What a run checks before it starts, and what it says about its precision when it does.
 
 ``check_config`` runs before any process group or compute, on every rank and in ``dser train``
-before the launcher, so a bad config, path, shard group, label set, backbone or precision is one
-line naming the key: it reads the run config (``read_run_config``: ``--resume``'s run directory,
-or ``--config``/``--set`` and, for stage 2, the stage-1 run, ``latest_run``), checks the
+before the launcher, so a bad config, path, shard group, label set, backbone, precision or rank
+count is one line naming the key: it reads the run config (``read_run_config``: ``--resume``'s run
+directory, or ``--config``/``--set`` and, for stage 2, the stage-1 run, ``latest_run``), checks the
 schedule, a new ``--run-dir`` (``check_new_run_dir``) and the inputs (``check_inputs``;
-``label_set_checks`` counts every set's clips per class from the shard indexes). A run's start
-prints ``precision_notes`` after its precision line. ``RecipeError`` is what a user must fix.
+``data_checks`` counts every set's clips per class from the shard indexes and asks
+``shardfiles.ranks_problem`` whether the training sets feed the ranks). ``check_planned_run`` is
+the same check for a run that starts later, elsewhere (``dser submit``, ``dser grid``, the demo's
+stage 2): no stage-1 run, device or shards that a job before it writes are required.
+
+A config that does not parse (an unknown key, a wrong type) is reported alone: nothing else can
+be checked. Past that, every independent problem is found and reported together, one line each
+(``ConfigProblems``: at most ``SHOWN_PROBLEMS`` lines, then "… and N more"). ``RecipeError`` is
+what a user must fix. A run's start prints ``precision_notes`` after its precision line.
+
+The module imports no torch, transformers or deepspeed (checks that need them import them
+inside), so ``dser train`` reports a mistyped key in a fraction of a second and ``dser submit``
+checks configs without them.
 
 Usage::
 
-    stage, cfg, recorded, schedule_notes, set_warnings = check_config(parse_args(argv))  # dser.train's
+    stage, cfg, recorded, schedule_notes, set_warnings = check_config(parse_args(argv), world_size=2)
+    notes = check_planned_run(cfg2, 2, stage1=cfg1, world_size=8)   # dser submit's stage 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import yaml
 
-from dser.config import from_dict
+from dser.config import ConfigError, from_dict
 from dser.labels import get_label_set
-from dser.model.backbones import BackboneError, check_backbone
-from dser.model.checkpoint_io import export_labels
+from dser.model.backbone_names import TINY_PRESET_NAMES, backbone_problem, is_local_path, uncached_hub_id
 from dser.precision import Precision, PrecisionError, check_device
 from dser.rundir import RunDir, RunDirError
 from dser.runconfig import (REQUIRE, RunConfig, check_schedule, ds_file_precision, recorded_precision,
                             resolve_config)
-from dser.safeload import check_checkpoint_dir
-from dser.shardfiles import DataError, count_set, resolve_shards
+from dser.shardfiles import DataError, SetCounts, count_set, ranks_problem, resolve_shards
+
+SHOWN_PROBLEMS = 5  # lines of one report; the rest are counted
 
 
 class RecipeError(Exception):
     """A problem the user must fix (printed as one line by rank 0)."""
+
+
+class ConfigProblems(RecipeError):
+    """Independent problems one check found, one line each.
+
+    Attributes:
+        problems: every line found; ``lines()`` is what is printed.
+    """
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        """At most ``SHOWN_PROBLEMS`` lines, the last saying how many more there are."""
+        shown = self.problems[:SHOWN_PROBLEMS]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            shown.append(f"… and {len(self.problems) - SHOWN_PROBLEMS} more")
+        return shown
+
+
+def error_lines(e: BaseException) -> list[str]:
+    """What to print for an error of a check, one line each (``ConfigProblems`` has several)."""
+    return e.lines() if isinstance(e, ConfigProblems) else [str(e)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The recipe's arguments (``dser/train.py``, and ``dser train`` checking them first)."""
+    p = argparse.ArgumentParser(description="dser two-stage SER training on DeepSpeed")
+    p.add_argument("--stage", type=int, choices=(1, 2), help="1: acted source data, 2: adapt to natural data")
+    p.add_argument("--config", type=Path, help="run config YAML (default: the demo config of the stage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--init-from", type=Path, help="stage 2: the stage-1 run directory")
+    p.add_argument("--run-dir", type=Path, help="exact run directory (default: runs_dir/<name>-<time>)")
+    p.add_argument("--resume", type=Path, help="continue the run in this directory from its latest checkpoint")
+    p.add_argument("--verbose", action="store_true",
+                   help="DeepSpeed's own INFO lines too (default: its warnings and errors only)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = p.parse_args(argv)
+    if args.resume is None and args.stage is None:
+        p.error("--stage 1 or --stage 2 is required (or --resume RUN_DIR)")
+    return args
 
 
 def latest_run(runs_dir: Path, stage: int) -> Path:
@@ -51,23 +107,46 @@ def latest_run(runs_dir: Path, stage: int) -> Path:
     return max(done)[1]
 
 
-def check_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision | None, list[str], list[str]]:
-    """Everything checked before a process group: the run config, its schedule, its inputs and
-    the run directory. ``dser train`` calls it too, before the launcher, so that a bad config
-    is its one line and nothing else.
+def check_config(args: argparse.Namespace, world_size: int | Callable[[], int] | None = None,
+                 ) -> tuple[int, RunConfig, Precision | None, list[str], list[str]]:
+    """Everything checked before a process group: the run config, its schedule, its inputs, the
+    run directory and the ranks. ``dser train`` calls it too, before the launcher, so that a bad
+    config is its lines and nothing else.
+
+    Args:
+        args: ``parse_args``' arguments.
+        world_size: the ranks that will train (in a rank: ``WORLD_SIZE``; in ``dser train``:
+            ``--ranks`` or the launcher's default, a function: counting GPUs imports torch, so it
+            waits until a training set is there to compare); None leaves the ranks unchecked.
 
     Returns:
         The stage, the config, the recorded precision (resuming), the schedule notes and the
         label-set warnings.
 
     Raises:
-        RecipeError, ConfigError, FileNotFoundError, ValueError: one line naming the key or path.
+        ConfigError, FileNotFoundError, ValueError, RecipeError: a config or run directory that
+            cannot be read, one line naming the key or path (nothing more can be checked).
+        ConfigProblems: everything else found, one line each.
     """
     stage, cfg, recorded = read_run_config(args)
-    cfg, schedule_notes = check_schedule(cfg)
+    problems: list[str] = []
+    try:
+        cfg, schedule_notes = check_schedule(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+        schedule_notes = []
     if args.run_dir and not args.resume:
-        check_new_run_dir(Path(args.run_dir))
-    set_warnings = check_inputs(cfg, stage, recorded)
+        try:
+            check_new_run_dir(Path(args.run_dir))
+        except RecipeError as e:
+            problems.append(str(e))
+    set_warnings: list[str] = []
+    try:
+        set_warnings = check_inputs(cfg, stage, recorded, world_size=world_size)
+    except ConfigProblems as e:
+        problems += e.problems
+    if problems:
+        raise ConfigProblems(problems)
     return stage, cfg, recorded, schedule_notes, set_warnings
 
 
@@ -108,6 +187,8 @@ def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision
         recorded = recorded_precision(meta, str(where))
         latest = run_dir / "checkpoints" / "latest"
         if latest.is_file():
+            from dser.safeload import check_checkpoint_dir  # torch: only a resume unpickles anything
+
             # Every file the resume unpickles, on every rank, before any process group: a tampered
             # one (even one only some rank reads) stops them all with one line naming it.
             check_checkpoint_dir(run_dir / "checkpoints" / latest.read_text().strip())
@@ -120,63 +201,166 @@ def read_run_config(args: argparse.Namespace) -> tuple[int, RunConfig, Precision
     return args.stage, cfg, None
 
 
-def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None) -> list[str]:
+def check_inputs(cfg: RunConfig, stage: int, recorded: Precision | None = None, *,
+                 world_size: int | Callable[[], int] | None = None) -> list[str]:
     """Every shard group, the DeepSpeed config, a precision this machine can train in, the
-    stage-1 run and its label set, before anything is computed.
+    stage-1 run and its label set, the backbone and the ranks, before anything is computed.
+
+    Args:
+        cfg: the resolved run config.
+        stage: 1 or 2 (stage 2: ``stage2.init_from`` is a finished stage-1 run).
+        recorded: a resumed run's precision.
+        world_size: the ranks that will train (or a function giving them, called only when
+            the training set is there to compare); None leaves them unchecked.
 
     Returns:
-        The label-set warnings (``label_set_checks``), for the run to print and record.
+        The label-set warnings (``data_checks``), for the run to print and record.
 
     Raises:
-        RecipeError: naming the config key and what to do.
+        ConfigProblems: one line per problem, naming the config key and what to do.
     """
-    ds_file_precision(cfg.deepspeed.config)  # reads the file: ConfigError naming the key and the shipped files
-    try:
-        check_device(recorded.name if recorded else cfg.deepspeed.precision, torch.cuda.is_available(), recorded)
-    except PrecisionError as e:
-        raise RecipeError(str(e)) from None
+    problems = _deepspeed_problems(cfg, recorded)
     if stage == 2:
         try:
+            from dser.model.checkpoint_io import CheckpointError, export_labels
+
             init_export = RunDir(cfg.stage2.init_from).require_finished("stage2.init_from", "stage-1 run")
-        except RunDirError as e:
-            raise RecipeError(str(e)) from None
-        label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
-        src = export_labels(init_export)
-        if src != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
-            raise RecipeError(f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
-                              f"{src and src['classes']} ({cfg.stage2.init_from}): set stage2.new_head: true "
-                              f"(--set stage2.new_head=true) to train a new head")
-    groups = {"data.train": cfg.data.train, "data.valid": cfg.data.valid,
-              **{f"data.test.{k}": v for k, v in cfg.data.test.items()}}
-    if cfg.data.rehearsal.shards:
-        groups["data.rehearsal.shards"] = cfg.data.rehearsal.shards
-    for key in ("data.train", "data.valid"):
-        if not groups[key]:
-            raise RecipeError(f"config.{key} is empty: name the shard groups to {key.split('.')[1]} on")
-    for key, specs in groups.items():
+            problems += _stage2_head_problems(cfg, export_labels(init_export), str(cfg.stage2.init_from))
+        except (RunDirError, CheckpointError) as e:
+            problems.append(str(e))
+    data_problems, set_warnings = data_checks(cfg, world_size)
+    problems += data_problems
+    name = cfg.model.backbone.name
+    problem = backbone_problem(name)
+    if problem:
+        problems.append(f"config.model.backbone.name: {problem}")
+    elif not _named_by_files(name):
+        from dser.model.backbones import BackboneError, check_backbone  # transformers: a hub id's config
+
         try:
-            resolve_shards(specs)
-        except DataError as e:
-            raise RecipeError(f"config.{key}: {e}") from None
-    set_warnings = label_set_checks(cfg)
-    try:
-        check_backbone(cfg.model.backbone)
-    except BackboneError as e:
-        raise RecipeError(f"config.model.backbone.name: {e}") from None
+            check_backbone(cfg.model.backbone)
+        except BackboneError as e:
+            problems.append(f"config.model.backbone.name: {e}")
+    if problems:
+        raise ConfigProblems(problems)
     return set_warnings
 
 
-def label_set_checks(cfg: RunConfig) -> list[str]:
-    """Count every configured set's clips per class from its shard indexes, as the run's loaders
-    would keep them (label set, styles, required labels).
+def check_planned_run(cfg: RunConfig, stage: int, *, stage1: RunConfig | None = None,
+                      world_size: int | None = None, gpus: int | None = None,
+                      pending: Sequence[str | Path] = ()) -> list[str]:
+    """``check_inputs`` for a run that starts later, elsewhere (a Slurm job, the demo's stage 2):
+    what can be known here, from files alone (no torch, no transformers), the schedule included.
+
+    Stage 2's stage-1 run does not exist yet: its label set is judged from the stage-1 config.
+    Shard groups under a directory in ``pending`` (a shard job before it writes them) are not
+    checked. The backbone is checked by its name or files; a hub id this machine's cache lacks
+    gets a note, not an error. The precision is checked against the device only when the jobs'
+    GPUs are known (``gpus``).
+
+    Args:
+        cfg: the run's resolved config.
+        stage: 1 or 2.
+        stage1: stage 2's stage-1 config (None: its head is not checked).
+        world_size: the ranks the job will have; None leaves them unchecked.
+        gpus: GPUs per rank's node (0: CPU ranks); None when unknown.
+        pending: directories that jobs before this one write.
 
     Returns:
-        Warnings: classes missing from training or from a test set, test classes that training
-        never shows.
+        Lines to print: the label-set warnings (``warning: …``) and what could not be checked
+        here (``note: …``).
 
     Raises:
-        RecipeError: an empty training, validation, test or rehearsal set, naming its config key,
-            its groups and what they hold.
+        ConfigProblems: one line per problem, naming the config key and what to do.
+    """
+    problems: list[str] = []
+    try:
+        cfg, _ = check_schedule(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    try:
+        ds_file_precision(cfg.deepspeed.config)
+        if gpus is not None:
+            check_device(cfg.deepspeed.precision, gpus > 0)
+    except (ConfigError, PrecisionError) as e:
+        problems.append(str(e).replace("this machine has none", "the jobs have none (--gpus-per-node 0)"))
+    if stage == 2 and stage1 is not None:
+        trained = get_label_set(stage1.data.label_set).to_dict() if stage1.task != "dimensional" else None
+        problems += _stage2_head_problems(cfg, trained, "its stage-1 config")
+    data_problems, set_warnings = data_checks(cfg, world_size, pending=pending)
+    problems += data_problems
+    notes = [f"warning: {w}" for w in set_warnings]
+    name = cfg.model.backbone.name
+    problem = backbone_problem(name)
+    if problem:
+        problems.append(f"config.model.backbone.name: {problem}")
+    elif uncached_hub_id(name):
+        notes.append(f"note: config.model.backbone.name: {name!r} is a Hugging Face hub id that this machine's "
+                     f"cache does not hold, so it is not checked here; the jobs load it from theirs "
+                     f"(huggingface-cli download {name} where there is network)")
+    if problems:
+        raise ConfigProblems(problems)
+    return notes
+
+
+def _deepspeed_problems(cfg: RunConfig, recorded: Precision | None) -> list[str]:
+    """The DeepSpeed config file and a precision this machine can train in."""
+    problems = []
+    try:
+        ds_file_precision(cfg.deepspeed.config)  # reads the file: ConfigError naming the key and the shipped files
+    except ConfigError as e:
+        problems.append(str(e))
+    name = recorded.name if recorded else cfg.deepspeed.precision
+    if name == "fp16":  # the one precision that needs a GPU: torch is imported to ask only then
+        import torch
+
+        try:
+            check_device(name, torch.cuda.is_available(), recorded)
+        except PrecisionError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _named_by_files(name: str) -> bool:
+    """A backbone that ``backbone_problem`` judges whole: a preset, ``random:``, a directory
+    (a hub id needs transformers, which asks its cache or the hub)."""
+    return name in TINY_PRESET_NAMES or name.startswith("random:") or is_local_path(name)
+
+
+def _stage2_head_problems(cfg: RunConfig, trained: dict | None, where: str) -> list[str]:
+    """Stage 2's label set against the one stage 1 trained its head on (``trained``)."""
+    label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
+    if trained != (label_set.to_dict() if label_set else None) and not cfg.stage2.new_head:
+        return [f"stage 2 label set {label_set and list(label_set.classes)} differs from stage 1's "
+                f"{trained and trained['classes']} ({where}): set stage2.new_head: true "
+                f"(--set stage2.new_head=true) to train a new head"]
+    return []
+
+
+def _is_pending(spec: str | Path, pending: Sequence[str | Path]) -> bool:
+    """Whether a shard spec lies under one of the directories a job before the run writes."""
+    where = os.path.abspath(os.path.expanduser(str(spec)))
+    return any(where == p or where.startswith(p.rstrip(os.sep) + os.sep)
+               for p in (os.path.abspath(str(d)) for d in pending))
+
+
+def data_checks(cfg: RunConfig, world_size: int | Callable[[], int] | None = None,
+                pending: Sequence[str | Path] = ()) -> tuple[list[str], list[str]]:
+    """Every configured set: its shard groups and their indexes, its clips as the run's loaders
+    would keep them (label set, styles, required labels; counted from the indexes), and whether
+    the training and rehearsal sets feed ``world_size`` ranks (``shardfiles.ranks_problem``).
+
+    Args:
+        cfg: the resolved run config.
+        world_size: the ranks that will train, or a function giving them (called once, when
+            a set is there to compare); None leaves them unchecked.
+        pending: directories that a job before the run writes: groups under them are not checked.
+
+    Returns:
+        ``(problems, warnings)``. Problems, one per set at most: an empty training or validation
+        list, a missing or damaged group, a set with no clip for the run (naming its key, its
+        groups and what they hold), too many ranks. Warnings: classes missing from training or
+        from a test set, test classes that training never shows.
     """
     label_set = get_label_set(cfg.data.label_set) if cfg.task != "dimensional" else None
     require = REQUIRE[cfg.task]
@@ -191,22 +375,46 @@ def label_set_checks(cfg: RunConfig) -> list[str]:
                          f"({', '.join(label_set.classes) if label_set else ''})",
               "attributes": "all three attributes (valence, arousal, dominance)",
               "any": f"a class of label set {label_set and label_set.name} or all three attributes"}[require]
-    counts = {}
+    problems: list[str] = []
+    counts: dict[str, SetCounts] = {}
     for key, (specs, styles, styles_key) in sets.items():
+        if not specs:
+            if key in ("data.train", "data.valid"):
+                problems.append(f"config.{key} is empty: name the shard groups to {key.split('.')[1]} on")
+            continue
+        here = [s for s in specs if not _is_pending(s, pending)]
+        if not here:
+            continue  # written by a job before the run
         try:
-            c = counts[key] = count_set(specs, label_set, styles, require)
+            resolve_shards(here)
+            c = count_set(here, label_set, styles, require)
         except DataError as e:
-            raise RecipeError(f"config.{key}: {e}") from None
+            problems.append(f"config.{key}: {e}")
+            continue
+        if len(here) < len(specs):
+            continue  # counted in part: nothing to conclude
+        counts[key] = c
         if c.clips == 0 and not c.loose:
             where = ", ".join(c.groups) or ", ".join(map(str, specs))
             styled = f" in styles {list(styles)} ({styles_key})" if styles else ""
-            raise RecipeError(f"config.{key}: no clip with {wanted}{styled} in {where}; they hold {c.holds()}: "
-                              f"fix data.label_set{', ' + styles_key if styles_key else ''} or the groups")
+            problems.append(f"config.{key}: no clip with {wanted}{styled} in {where}; they hold {c.holds()}: "
+                            f"fix data.label_set{', ' + styles_key if styles_key else ''} or the groups")
+            continue
+        if world_size and key in ("data.train", "data.rehearsal.shards"):
+            world_size = world_size() if callable(world_size) else world_size
+            problem = ranks_problem(here, world_size, c.clips, key)
+            if problem:
+                problems.append(problem)
+    return problems, _class_warnings(label_set, counts)
+
+
+def _class_warnings(label_set, counts: dict[str, SetCounts]) -> list[str]:
+    """Classes missing from training or from a test set, test classes training never shows."""
     warnings: list[str] = []
+    train = counts.get("data.train")
     if label_set is None:
         return warnings
-    train = counts["data.train"]
-    if not train.loose:
+    if train is not None and not train.loose:
         missing = [k for k, n in train.classes.items() if n == 0]
         if missing:
             warnings.append(f"config.data.train has no clips of class {', '.join(missing)} (label set "
@@ -218,7 +426,7 @@ def label_set_checks(cfg: RunConfig) -> list[str]:
         if missing:
             warnings.append(f"config.{key} has no clips of class {', '.join(missing)}: its UA and macro-F1 "
                             f"average over the classes it has")
-        if not train.loose:
+        if train is not None and not train.loose:
             unseen = [f"{k} ({n})" for k, n in c.classes.items() if n and train.classes[k] == 0]
             if unseen:
                 warnings.append(f"config.{key} has clips of class {', '.join(unseen)}, which config.data.train "

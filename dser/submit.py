@@ -8,13 +8,18 @@ given: the scripts' ``#SBATCH`` defaults):
     dser-s2-…      slurm/stage2.sh RUN_DIR CONFIG STAGE1_RUN_DIR --set …   --dependency=afterok:<stage 1>
 
 submits them with ``sbatch`` in that order, and prints each job's id, run directory and log.
-Configs are resolved (and so checked) before anything is queued. ``--dry-run`` prints the
-sbatch commands instead, as a shell script that would submit the same jobs.
+Configs are resolved (their keys checked) by ``plan_jobs``, and ``check_plan`` checks every run
+as far as files tell before anything is queued (``dser.startup.check_planned_run``: shard groups
+that exist, label sets, the backbone, stage 2 against its stage-1 config, the ranks the options
+ask for), each problem one line. ``--dry-run`` prints the sbatch commands instead, as a shell
+script that would submit the same jobs.
 
 Usage::
 
+    resources = Resources(gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1)
     jobs = plan_jobs(Path("dser/configs/demo_stage1.yaml"), Path("dser/configs/demo_stage2.yaml"),
-                     resources=Resources(gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1))
+                     resources=resources)
+    notes = check_plan(jobs, resources)      # raises ConfigProblems, one line each
     print(format_dry_run(jobs))              # or:
     ids = submit_jobs(jobs)                  # job key -> Slurm job id
     print(format_submitted(jobs, ids))
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dser.grid import Grid, GridError, config_path, load_grid, run_overrides  # noqa: F401  (re-exported too)
-from dser.runconfig import resolve_config
+from dser.runconfig import RunConfig, resolve_config
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # holds dser/: a checkout, or site-packages
 # Package data (pyproject.toml): in a checkout dser/slurm links to the top-level slurm/, so resolve
@@ -120,6 +125,37 @@ class Resources:
             out.append(f"--cpus-per-task={self.cpus_per_task}")
         return out + self.common_options() + list(self.stage_extra)
 
+    def training_shape(self) -> tuple[int | None, int | None]:
+        """How many ranks a training job has and how many GPUs per node, as far as the options
+        say (the start-up checks' world size and device); None where they do not.
+
+        sbatch words (``extra``, ``stage_extra``) win over the fields: they come last on its
+        command line. Nodes given nowhere are ``SBATCH_NODES`` or the scripts' one; tasks per node
+        given nowhere are the GPUs per node (``slurm/launch.sh`` refuses any other count). With
+        no word on tasks or GPUs at all, the ranks are unknown.
+        """
+        given: dict[str, int | None] = {}
+        if (self.nodes, self.gpus_per_node, self.ntasks_per_node) != (None, None, None):
+            gpus = 1 if self.gpus_per_node is None else self.gpus_per_node
+            given = {"nodes": self.nodes or 1, "gpus-per-node": gpus, "ntasks-per-node": self.ntasks_per_node or gpus or 1}
+        words = [*self.extra, *self.stage_extra]
+        for i, word in enumerate(words):
+            for option in ("nodes", "gpus-per-node", "ntasks-per-node"):
+                if word.startswith(f"--{option}="):
+                    value = word.split("=", 1)[1]
+                elif word in (f"--{option}", *(("-N",) if option == "nodes" else ())) and i + 1 < len(words):
+                    value = words[i + 1]
+                else:
+                    continue
+                given[option] = int(value) if value.isdigit() else None  # a range (2-4), a GPU type (a100:4): unknown
+        gpus = given.get("gpus-per-node")
+        if "ntasks-per-node" not in given and "gpus-per-node" not in given:
+            return None, gpus
+        tasks = given["ntasks-per-node"] if "ntasks-per-node" in given else (gpus or 1 if gpus is not None else None)
+        env_nodes = os.environ.get("SBATCH_NODES", "1")
+        nodes = given["nodes"] if "nodes" in given else (int(env_nodes) if env_nodes.isdigit() else None)
+        return (nodes * tasks if nodes is not None and tasks is not None else None), gpus
+
     def shard_options(self) -> list[str]:
         """sbatch options of a shard task (one task; CPUs as for a rank)."""
         out = [f"--cpus-per-task={self.cpus_per_task}"] if self.cpus_per_task else []
@@ -144,6 +180,8 @@ class Job:
         output: where its run writes (a run directory; the shards directory for sharding).
         log: its Slurm log (with ``%j``/``%A``/``%a`` still in it).
         corpora: for the shard job, the corpora it shards (``output/NAME/index.json`` each).
+        stage: a training job's stage (None for the shard job).
+        config: a training job's resolved run config, overrides applied (``check_plan`` reads it).
     """
 
     key: str
@@ -155,6 +193,8 @@ class Job:
     output: Path
     log: str
     corpora: list[str] = field(default_factory=list)
+    stage: int | None = None
+    config: RunConfig | None = None
 
 
 def _key(*parts: str) -> str:
@@ -212,11 +252,13 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
     cfg1_path, cfg2_path = config_path(stage1_config), config_path(stage2_config)
     train_opts = resources.training_options()
 
-    def job(key, what, job_name, script, args, after, output):
+    def job(key, what, job_name, script, args, after, output, config=None):
         log = str(logs_dir / "%x-%j.out") if script.name != "shard.sh" else str(logs_dir / "%x-%A_%a.out")
         opts = [f"--job-name={job_name}", f"--output={log}"]
         opts += resources.shard_options() if script.name == "shard.sh" else train_opts
-        return Job(key, what, script, args, opts, after, output, log.replace("%x", job_name))
+        stage = {"stage1.sh": 1, "stage2.sh": 2}.get(script.name)
+        return Job(key, what, script, args, opts, after, output, log.replace("%x", job_name), stage=stage,
+                   config=config)
 
     if grid is None:
         cfg1 = resolve_config(cfg1_path, overrides, stage=1)
@@ -227,9 +269,9 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
         sets = [a for o in overrides for a in ("--set", o)]
         return [
             job("stage1", f"stage 1 {cfg1.name}", f"dser-s1-{cfg1.name}", scripts_dir / "stage1.sh",
-                [str(run1), str(cfg1_path), *sets], [], run1),
+                [str(run1), str(cfg1_path), *sets], [], run1, cfg1),
             job("stage2", f"stage 2 {cfg2.name}", f"dser-s2-{cfg2.name}", scripts_dir / "stage2.sh",
-                [str(run2), str(cfg2_path), str(run1), *sets], ["stage1"], run2),
+                [str(run2), str(cfg2_path), str(run1), *sets], ["stage1"], run2, cfg2),
         ]
 
     shards = Path(shards_dir or os.environ.get("SHARDS_DIR") or "shards")
@@ -247,22 +289,62 @@ def plan_jobs(stage1_config: Path | None, stage2_config: Path | None, *, grid: G
         after_shards = ["shard"]
     for s in grid.sources:
         sets = [*run_overrides(grid, shards, s), *overrides]
-        resolve_config(cfg1_path, sets, stage=1)
+        cfg1 = resolve_config(cfg1_path, sets, stage=1)
         run1 = root / f"stage1-{s}"
         jobs.append(job(_key("stage1", s), f"stage 1 {s}", f"dser-s1-{s}", scripts_dir / "stage1.sh",
-                        [str(run1), str(cfg1_path), *(a for o in sets for a in ("--set", o))], after_shards, run1))
+                        [str(run1), str(cfg1_path), *(a for o in sets for a in ("--set", o))], after_shards, run1,
+                        cfg1))
     for s in grid.sources:
         for t in grid.targets:
             if s == t:
                 continue
             sets = [*run_overrides(grid, shards, s, t), *overrides]
-            resolve_config(cfg2_path, sets, stage=2)
+            cfg2 = resolve_config(cfg2_path, sets, stage=2)
             run2 = root / f"stage2-{s}-to-{t}"
             jobs.append(job(_key("stage2", s, "to", t), f"stage 2 {s} -> {t}", f"dser-s2-{s}-to-{t}",
                             scripts_dir / "stage2.sh",
                             [str(run2), str(cfg2_path), str(root / f"stage1-{s}"),
-                             *(a for o in sets for a in ("--set", o))], [_key("stage1", s)], run2))
+                             *(a for o in sets for a in ("--set", o))], [_key("stage1", s)], run2, cfg2))
     return jobs
+
+
+def check_plan(jobs: list[Job], resources: Resources | None = None) -> list[str]:
+    """Check every run of a plan as far as this machine can, before anything is queued
+    (``dser.startup.check_planned_run``: schedule, DeepSpeed file, stage 2's head against its
+    stage-1 config, shard groups, label sets, the backbone by its files, and the ranks where
+    ``resources`` say how many). Shard groups that the plan's shard job writes are not checked;
+    no stage-1 run is required. Imports no torch.
+
+    Returns:
+        Lines to print (``warning: …``, ``note: …``), each once.
+
+    Raises:
+        ConfigProblems: one line per problem, naming the first run it is found in (and how many
+            more have it) and the config key.
+    """
+    from dser.startup import ConfigProblems, check_planned_run
+
+    world, gpus = (resources or Resources()).training_shape()
+    pending = [j.output / c for j in jobs for c in j.corpora]
+    configs = {j.key: j.config for j in jobs}
+    found: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for j in jobs:
+        if j.config is None:
+            continue
+        stage1 = configs.get(j.after[0]) if j.stage == 2 and j.after else None
+        try:
+            lines = check_planned_run(j.config, j.stage, stage1=stage1, world_size=world, gpus=gpus,
+                                      pending=pending)
+        except ConfigProblems as e:
+            for p in e.problems:
+                found.setdefault(p, []).append(j.what)
+            continue
+        notes += [n for n in lines if n not in notes]
+    if found:
+        raise ConfigProblems([f"{runs[0]}{f' (and {len(runs) - 1} more)' if len(runs) > 1 else ''}: {p}"
+                              for p, runs in found.items()])
+    return notes
 
 
 # ------------------------------------------------------------------------------------------

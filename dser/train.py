@@ -14,10 +14,12 @@ Launch::
     deepspeed dser/train.py --stage 2 --init-from runs/demo-stage1-20261124-010203 --config CONFIG
     deepspeed dser/train.py --resume runs/demo-stage1-20261124-010203      # continue a run
     dser train --stage 1 --ranks 2                            # the same through the CLI
+    deepspeed dser/train.py --stage 1 --verbose               # DeepSpeed's INFO lines too
 
-``main`` checks the config (``dser.startup.check_config``, before any process group), starts the
-process group (``dser.distributed``) and runs a ``Recipe``: ``setup()`` (precision, run directory,
-model, engine, resume, data, logging) →
+``main`` checks the config (``dser.startup.check_config``, before any process group, against the
+launcher's ``WORLD_SIZE``), keeps DeepSpeed's logging to warnings and errors (``--verbose``: its
+INFO lines too), starts the process group (``dser.distributed``) and runs a ``Recipe``: ``setup()``
+(precision, run directory, model, engine, resume, data, logging) →
 ``train()`` (the loop, written out: ``train_step`` per batch, log, evaluate, checkpoint) →
 ``finish()`` (best weights, every test set, metrics.json, the export, finished.json last) →
 ``cleanup()``. ``TrainState`` is everything a resume needs besides DeepSpeed's own files.
@@ -71,7 +73,7 @@ from dser.rundir import RunDir
 from dser.precision import Precision, PrecisionError, decide_precision, detect_hardware, keep_precision
 from dser.runconfig import RunConfig, deepspeed_config, final_eval_sets, loader_config
 from dser.safeload import UnsafeCheckpointError, safe_load, use_safe_loads
-from dser.startup import RecipeError, check_config, precision_notes
+from dser.startup import RecipeError, check_config, error_lines, parse_args, precision_notes  # noqa: F401 (parse_args: dser.train's)
 
 
 class RankError(RecipeError):
@@ -81,22 +83,6 @@ class RankError(RecipeError):
 # ----------------------------------------------------------------------------------------
 # setup helpers
 # ----------------------------------------------------------------------------------------
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="dser two-stage SER training on DeepSpeed")
-    p.add_argument("--stage", type=int, choices=(1, 2), help="1: acted source data, 2: adapt to natural data")
-    p.add_argument("--config", type=Path, help="run config YAML (default: the demo config of the stage)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--init-from", type=Path, help="stage 2: the stage-1 run directory")
-    p.add_argument("--run-dir", type=Path, help="exact run directory (default: runs_dir/<name>-<time>)")
-    p.add_argument("--resume", type=Path, help="continue the run in this directory from its latest checkpoint")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    args = p.parse_args(argv)
-    if args.resume is None and args.stage is None:
-        p.error("--stage 1 or --stage 2 is required (or --resume RUN_DIR)")
-    return args
-
 
 def lr_lambda(cfg: RunConfig):
     """Linear warm-up to 1, then cosine/linear decay to min_lr_ratio (or constant)."""
@@ -145,16 +131,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- config, checked before any process group or compute ---------------------------
     try:
-        stage, cfg, recorded, schedule_notes, set_warnings = check_config(args)
+        stage, cfg, recorded, schedule_notes, set_warnings = check_config(
+            args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     except (RecipeError, ConfigError, FileNotFoundError, ValueError) as e:
         if env_rank == 0:
-            print(f"dser train: error: {e}", file=sys.stderr, flush=True)
+            for line in error_lines(e):
+                print(f"dser train: error: {line}", file=sys.stderr, flush=True)
         return 2
     if env_rank == 0 and schedule_notes:
         print("\n".join(schedule_notes), flush=True)
 
     # ---- process group -----------------------------------------------------------------
     import deepspeed  # only the recipes import DeepSpeed
+
+    from deepspeed.utils import set_log_level_from_string
+
+    # DeepSpeed's INFO lines (its engine's configuration, …) only with --verbose.
+    set_log_level_from_string("info" if args.verbose else "warning")
 
     cpu = not torch.cuda.is_available()
     init_process_group(deepspeed, dt.timedelta(minutes=cfg.deepspeed.timeout_minutes))
@@ -171,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # One line per user-fixable error, from rank 0; a non-zero exit on every rank.
         if rank == 0 or isinstance(e, RankError):
-            print(f"dser train: error: {e}", file=sys.stderr, flush=True)
+            for line in error_lines(e):
+                print(f"dser train: error: {line}", file=sys.stderr, flush=True)
         return 2
     except (dist.DistError, RuntimeError) as e:
         dead = dead_peers(peers)
@@ -300,7 +294,7 @@ class Recipe:
         notes = precision_notes(cfg, self.precision, self.stage) if self.rank == 0 else []
         self.precision_text = [self.precision.line()] + notes
         rank0_print("\n".join(self.precision_text))
-        if self.set_warnings:  # from check_inputs (label_set_checks), before any process group
+        if self.set_warnings:  # from check_inputs (data_checks), before any process group
             rank0_print("\n".join(f"warning: {w}" for w in self.set_warnings))
 
         random.seed(cfg.seed + self.rank)

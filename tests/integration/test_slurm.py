@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,9 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_shards import write_demo_shards
+from fixtures_shards import write_demo_shards, write_test_shards
 
-from dser.schema import ShardIndex
 from slurm_cluster import FINAL_STATES, slurm  # noqa: F401  (the session fixture: a started cluster)
 
 pytestmark = pytest.mark.integration
@@ -276,20 +274,12 @@ def test_dser_submit_stage2_after_stage1_which_resumes_after_preemption(slurm, w
 
 def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     env = job_env(slurm, workdir)
-    # A training group whose clips are all damaged but for its first shard's, and no damaged
-    # clip allowed: the run starts (its directory exists) and fails on its first batches.
-    # (A missing shard group, or too few clips for the ranks, fails before any run directory is made.)
-    damaged = workdir / "shards-damaged" / "demo-acted"
-    if not damaged.is_dir():
-        shutil.copytree(demo_shards / "demo-acted", damaged)
-        for row in ShardIndex.load(damaged).table("train"):
-            if not row.shard.endswith("-000000.tar"):
-                with open(damaged / "train" / row.shard, "r+b") as f:  # the FLAC's "fLaC" marker, same size
-                    f.seek(row.flac[0])
-                    at = f.read(row.flac[1]).index(b"fLaC")
-                    f.seek(row.flac[0] + at)
-                    f.write(b"XXXX")
-    sets = [a for o in [*SHORT, f"data.train=[{damaged / 'train'}]", "train.max_bad_samples=0"] for a in ("--set", o)]
+    # Training clips that are not FLAC, and no bad sample allowed: the run starts (its directory
+    # exists) and fails on its first batch. (What files tell, dser submit checks: a missing shard
+    # group, or one shard for two ranks, would never be queued.)
+    write_test_shards(workdir / "shards" / "corrupt", 16, 2, group="train", corrupt={3, 11})
+    sets = [a for o in [*SHORT, f"data.train=[{workdir / 'shards' / 'corrupt' / 'train'}]",
+                        "train.max_bad_samples=0"] for a in ("--set", o)]
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--runs-dir", "runs",
              "--name", "broken", *sets, "--wait", "--poll", "1", cwd=workdir, env=env)
@@ -298,7 +288,7 @@ def test_stage2_never_starts_when_stage1_fails(slurm, workdir, demo_shards):
     s1, s2 = slurm.job(ids["stage 1"]), slurm.job(ids["stage 2"])
     assert s1["JobState"] == "FAILED"
     (log1,) = (workdir / "logs").glob(f"*-{ids['stage 1']}.out")
-    assert "more than train.max_bad_samples=0" in log1.read_text()
+    assert "corrupt training samples skipped, more than train.max_bad_samples=0" in log1.read_text()
     assert s2["JobState"] == "CANCELLED" and "can never start" in r.stdout
     assert not (workdir / "runs" / "broken" / "stage2").exists()
     assert not list((workdir / "logs").glob(f"*-{ids['stage 2']}.out"))
@@ -331,7 +321,7 @@ def test_a_rank_that_cannot_start_fails_the_job_at_once(slurm, workdir, demo_sha
     assert slurm.job(ids["stage 2"])["JobState"] == "CANCELLED"
 
 
-def test_sbatch_refusal_is_one_line_naming_the_job(slurm, workdir):
+def test_sbatch_refusal_is_one_line_naming_the_job(slurm, workdir, demo_shards):  # the shards submit checks
     r = dser("submit", "--stage1", str(REPO / "dser/configs/demo_stage1.yaml"),
              "--stage2", str(REPO / "dser/configs/demo_stage2.yaml"), *CPU_JOB, "--partition", "no-such-partition",
              "--runs-dir", "runs", "--name", "refused", cwd=workdir, env=job_env(slurm, workdir))

@@ -237,3 +237,33 @@ def test_bad_config_key_fails_with_its_name(workdir):
     r = run_train(workdir, "--stage", "1", "--set", "optim.lrr=1", expect=2, ranks=1)
     assert "unknown key config.optim.lrr" in r.stderr + r.stdout
     assert "allowed keys in config.optim" in r.stderr + r.stdout
+
+
+def dser_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``dser train`` as a user runs it (the CLI, the launcher's output through dser)."""
+    import os
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(Path(sys.executable).with_name("dser")), "train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_deepspeeds_own_lines_only_with_verbose(workdir, verbose):
+    # one step, then stopped with a checkpoint (exit 75): the launcher's failure line is there too
+    r = dser_train(workdir, "--stage", "1", "--config", str(default_config_path(1)), *SHORT, "--ranks", "1",
+                   "--set", "optim.max_steps=2", "--set", "train.stop_after_steps=1",
+                   "--run-dir", f"runs/verbose-{verbose}", *(["--verbose"] if verbose else []))
+    out = r.stdout + r.stderr
+    assert r.returncode == 75, out[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == (f"stopped at step 1 by train.stop_after_steps=1; resume with dser "
+                                                 f"train --resume runs/verbose-{verbose}")
+    launcher = ["[INFO] [runner.py:", "[INFO] [launch.py:", "Setting CUDA_VISIBLE_DEVICES",
+                "Unable to find hostfile", "exits with return code = 75"]
+    rank = ["[INFO] [config.py:", "[INFO] [engine.py:"]  # DeepSpeed's engine, inside the rank
+    if verbose:
+        assert all(line in out for line in launcher + rank), out[-3000:]
+    else:
+        assert "[INFO]" not in out and not [line for line in launcher if line in out], out[-3000:]
+        assert "dser: rank" not in out  # a stop is no failure: its own line says it all

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures_shards import write_test_shards
 
 from dser.grid import GridError, grid_values, load_grid, run_overrides
 from dser.submit import CHECKOUT, SLURM_DIR, plan_jobs
@@ -303,8 +304,8 @@ def test_shard_script_shards_a_corpus_whose_root_holds_shell_text(tmp_path):
 
 def test_cross_corpus_script_submits_what_dser_submit_plans_text_as_text(tmp_path, monkeypatch):
     path, v = evil_grid(tmp_path)
-    (tmp_path / "shards" / "natural").mkdir(parents=True)
-    (tmp_path / "shards" / "natural" / "index.json").write_text("{}")  # sharded already: no task for it
+    for group in ("train", "valid", "test"):  # sharded already: no task for it
+        write_test_shards(tmp_path / "shards" / "natural", 8, 2, group=group, prefix=group)
     env = script_env(tmp_path, GRID_WAIT="0", STAGE_SBATCH="--gpus-per-node=0 --ntasks-per-node=2")
     r = subprocess.run(["bash", str(SLURM_DIR / "cross_corpus.sh"), str(path)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)

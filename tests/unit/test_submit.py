@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fixtures_shards import write_demo_shards
 
 from dser.config import ConfigError
 from dser.grid import load_grid
@@ -189,6 +190,7 @@ def test_cli_dry_run_and_errors(tmp_path, monkeypatch):
     from dser.cli import main
 
     monkeypatch.setenv("LOGS_DIR", str(tmp_path / "logs"))
+    monkeypatch.chdir(write_demo_shards(tmp_path))  # the shards the demo configs name, which submit checks
     runner = CliRunner()
     r = runner.invoke(main, ["submit", "--stage1", str(CFG1), "--stage2", str(CFG2), "--gpus-per-node", "0",
                              "--ntasks-per-node", "2", "--time", "1:00:00", "--name", "pair", "--dry-run"])

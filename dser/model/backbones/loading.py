@@ -12,7 +12,9 @@ The run's ``layerdrop`` and ``mask_time_prob`` replace the checkpoint's (the pub
 checkpoints ship non-zero values). A checkpoint lacking any of the family's weights is refused
 (only the SpecAugment embedding may be missing); weights it has beyond the encoder (Whisper's
 decoder) are left unloaded. ``check_backbone`` fails early, reading only the config, so a run
-stops before it builds anything. With ``HF_HUB_OFFLINE=1`` nothing here touches the network.
+stops before it builds anything: presets, ``random:`` names and local directories by their files
+(``dser.model.backbone_names``, which commands that must not import torch use alone), hub ids
+through transformers' config loading. With ``HF_HUB_OFFLINE=1`` nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
+from dser.model.backbone_names import backbone_problem, is_local_path
 from dser.model.backbones.base import Backbone, BackboneConfig, BackboneError
 from dser.model.backbones.presets import REAL_CONFIGS, TINY_PRESETS
 from dser.model.backbones.registry import FAMILIES
@@ -55,9 +58,6 @@ def backbone_from_config(config: PretrainedConfig, cfg: BackboneConfig | None = 
         model = backbone_class.model_class(config)
     return backbone_class(model, cfg)
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-
 
 def _pretrained_config(name: str):
     """``(source, transformers config)`` of a hub id or local directory; reads only the config.
@@ -67,7 +67,7 @@ def _pretrained_config(name: str):
             in the local cache (offline) or does not exist.
     """
     source = name
-    if _looks_like_path(name):
+    if is_local_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise BackboneError(
@@ -97,13 +97,11 @@ def check_backbone(cfg: BackboneConfig | str) -> None:
         BackboneError: as :func:`load_backbone` would, naming the backbone and what to do.
     """
     name = cfg if isinstance(cfg, str) else cfg.name
-    if name in TINY_PRESETS:
-        return
-    if name.startswith("random:"):
-        if name.removeprefix("random:") not in REAL_CONFIGS:
-            raise BackboneError(f"unknown architecture {name.removeprefix('random:')!r} in {name!r}; "
-                                f"known: {', '.join(REAL_CONFIGS)}")
-        return
+    problem = backbone_problem(name, model_types=FAMILIES)
+    if problem:
+        raise BackboneError(problem)
+    if name in TINY_PRESETS or name.startswith("random:") or is_local_path(name):
+        return  # its name or its config.json said all
     _, config = _pretrained_config(name)
     _backbone_class(config, name)
 

@@ -23,6 +23,7 @@ from dser.model.backbones import (
     BackboneConfig,
     BackboneError,
     backbone_from_config,
+    check_backbone,
     load_backbone,
     tiny_backbone_dir,
 )
@@ -450,6 +451,33 @@ def test_registry_and_presets_agree(backbones):
     assert len(set(names)) == len(names)
     for name, model_type in preset_types.items():
         assert type(backbones[name]) is FAMILIES[model_type], name
+
+
+def test_the_torch_free_name_tables_copy_the_registry_and_presets():
+    """``dser.model.backbone_names`` (what dser submit checks backbones by) holds the same names
+    as the tables that build models; a family or preset added there must be added here too."""
+    from dser.model import backbone_names
+
+    assert backbone_names.MODEL_TYPES == tuple(FAMILIES)
+    assert backbone_names.TINY_PRESET_NAMES == tuple(TINY_PRESETS)
+    assert backbone_names.REAL_ARCHITECTURES == tuple(REAL_CONFIGS)
+
+
+def test_a_backbone_directory_is_judged_by_its_config_json(tmp_path):
+    from dser.model.backbone_names import backbone_problem
+
+    tiny_backbone_dir("tiny-hubert", tmp_path / "hubert")
+    assert backbone_problem(str(tmp_path / "hubert")) is None
+    check_backbone(str(tmp_path / "hubert"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "untyped").mkdir()
+    (tmp_path / "untyped" / "config.json").write_text('{"hidden_size": 8}')
+    for name, message in (("broken", "config.json cannot be read as JSON"), ("untyped", "config.json names no model_type")):
+        with pytest.raises(BackboneError, match=message):
+            check_backbone(str(tmp_path / name))
+    assert "names no model_type; point model.backbone.name at a directory written by save_pretrained" in \
+        backbone_problem(str(tmp_path / "untyped"))
 
 
 def test_a_new_family_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
