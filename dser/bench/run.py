@@ -79,18 +79,40 @@ def versions() -> dict:
             "soxr": soxr.__version__}
 
 
+# Written into every working directory the bench makes or takes: the bench writes, overwrites
+# and removes fixed names there (corpora, shards, runs, logs), so it works only in a directory
+# that is new, empty, or one an earlier bench made.
+WORKDIR_MARKER = ".dser-bench"
+
+
 def _working_directory(workdir: Path | None) -> Path:
-    """``workdir`` made (absolute), or a new temporary directory when it is None."""
+    """``workdir`` made (absolute) and marked as the bench's, or a new temporary directory when
+    it is None.
+
+    Raises:
+        BenchError: ``workdir`` is a file, cannot be made, or holds something while no earlier
+            bench made it (no ``WORKDIR_MARKER``): the bench would overwrite or remove it.
+    """
     if workdir is None:
-        return Path(tempfile.mkdtemp(prefix="dser-bench-"))
+        work = Path(tempfile.mkdtemp(prefix="dser-bench-"))
+        (work / WORKDIR_MARKER).write_text("a dser bench working directory\n")
+        return work
     work = Path(workdir).absolute()
-    if work.exists() and not work.is_dir():
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
         from dser.paths import found
 
         raise BenchError(f"--workdir {workdir}: expected a directory for the bench's corpora, shards and runs, "
                          f"found {found(work)}")
+    if work.is_dir() and not (work / WORKDIR_MARKER).is_file():
+        held = sorted(p.name for p in work.iterdir())
+        if held:
+            raise BenchError(f"--workdir {workdir}: holds {held[0]!r}{f' and {len(held) - 1} more' if len(held) > 1 else ''}, "
+                             f"which dser bench did not make (it writes and removes corpora, shards, runs and logs "
+                             f"there by fixed names); give a new or empty directory, or one an earlier dser bench made")
     try:
         work.mkdir(parents=True, exist_ok=True)
+        (work / WORKDIR_MARKER).write_text("a dser bench working directory: dser bench writes, overwrites and "
+                                           "removes files here\n")
     except OSError as e:
         raise BenchError(f"--workdir {workdir}: cannot make it ({e.strerror}); give a writable directory") from None
     return work

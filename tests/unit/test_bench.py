@@ -163,6 +163,36 @@ def test_cli_refuses_an_unknown_section_in_one_line(tmp_path):
     assert "Traceback" not in r.output
 
 
+def test_a_workdir_holding_files_the_bench_did_not_make_is_refused_and_left_as_it_was(tmp_path):
+    # The sections write, overwrite and remove fixed names under --workdir (shards16k, runs/,
+    # bench_run.yaml, plan-shards, …): a user's directory of those names must never be touched.
+    from click.testing import CliRunner
+
+    from dser.bench.run import WORKDIR_MARKER
+    from dser.cli import main
+
+    work = tmp_path / "mine"
+    for name in ("shards16k/index.json", "runs/important/metrics.json", "plan-shards/a.tar", "bench_run.yaml",
+                 "notes.txt"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(f"the user's {name}")
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(main, ["bench", "--quick", "--only", "padding", "--workdir", str(work)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"--workdir {work}: holds 'bench_run.yaml' and 4 more, which dser bench did not make" in r.output
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+
+    # A new directory, an empty one and one an earlier bench made are the bench's to use.
+    for fresh in (tmp_path / "new", tmp_path / "empty"):
+        if fresh.name == "empty":
+            fresh.mkdir()
+        r = CliRunner().invoke(main, ["bench", "--quick", "--only", "padding", "--workdir", str(fresh)])
+        assert r.exit_code == 0, r.output
+        assert (fresh / WORKDIR_MARKER).is_file()
+        r = CliRunner().invoke(main, ["bench", "--quick", "--only", "padding", "--workdir", str(fresh)])
+        assert r.exit_code == 0, r.output
+
+
 # ---- the goals table and BENCHMARKS.md ---------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
